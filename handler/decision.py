@@ -1,0 +1,74 @@
+"""The outcome of classifying one inbound message: pure data, stored with the enquiry.
+
+`Facts` are what `classify` may know about the world (gathered from the database before it
+runs); `Decision` is what it concludes, with a `RuleHit` trace of every rule it considered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    is_reply: bool = False
+    """The message belongs to an existing enquiry (thread headers, or SMS from an open number)."""
+    earlier_enquiries: int = 0
+    """How many enquiries this contact opened before this message."""
+    acks_last_24h: int = 0
+    """Automatic acknowledgements already sent to this sender in the rate-limit window."""
+    sms_opted_out: bool = False
+    email_suppressed: bool = False
+    """A hard bounce stopped mail to this address."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReminderSpec:
+    """A reminder recorded with the decision: `after` (e.g. "2d", "4h") from intake."""
+
+    name: str
+    after: str
+    template: str
+    to: str = "team"  # "team" | "patient"
+    unless: str = "answered"  # condition that cancels it
+
+
+@dataclass(frozen=True, slots=True)
+class RuleHit:
+    rule: str
+    matched: bool
+    reasons: tuple[str, ...] = ()
+    """Why it matched or failed: e.g. "body contains 'chest pain'", "channel is not sms"."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    rule: str
+    """Name of the (last) rule that decided; "default" when none matched."""
+    category: str
+    priority: str
+    """"urgent" | "high" | "normal" | "low"."""
+    teams: tuple[str, ...]
+    reply_template: str | None
+    notify_template: str | None
+    tags: tuple[str, ...] = ()
+    reminders: tuple[ReminderSpec, ...] = ()
+    trace: tuple[RuleHit, ...] = ()
+    ruleset_version: str = ""
+
+    @property
+    def team(self) -> str:
+        return self.teams[0] if self.teams else ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyPlan:
+    """What the guards allow after the rules decided: reply or not, and why not."""
+
+    send_reply: bool
+    reason: str = ""
+    notes: tuple[str, ...] = field(default=())
