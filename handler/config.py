@@ -32,7 +32,7 @@ class Settings:
     mailboxes: tuple[str, ...] = ("enquiries@clinic.example",)
     smtp_max_message_size: int = 25 * 1024 * 1024
     smtp_max_recipients: int = 50
-    smtp_max_connections: int = 200
+    smtp_max_connections: int = 1000
     smtp_timeout: int = 300
     smtp_tls_cert: Path | None = None
     smtp_tls_key: Path | None = None
@@ -44,6 +44,7 @@ class Settings:
     clinic_name: str = "London Second Opinion Clinic"
     clinic_address: str = "enquiries@clinic.example"
     clinic_phone: str = "+44 20 7946 0000"
+    clinic_website: str = "https://clinic.example"
     # outbound email: a relay, or a local Maildir when relay_host is empty
     relay_host: str = ""
     relay_port: int = 25

@@ -58,11 +58,16 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the write lock up front (a deferred transaction that reads and then
+        # writes fails at once when another writer got in between); readers don't block.
+        immediate = conn.get_execution_options().get("write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+def make_sessionmaker(engine: Engine, *, write: bool = False) -> sessionmaker[Session]:
+    """Sessions for reading, or (write=True) for read-modify-write transactions."""
+    bind = engine.execution_options(write=True) if write else engine
+    return sessionmaker(bind, expire_on_commit=False)
 
 
 def alembic_config(url: str) -> Config:
@@ -76,7 +81,7 @@ def upgrade(settings: Settings) -> None:
     """Bring the schema up to date (idempotent)."""
     engine = make_engine(settings.sqlalchemy_url)
     try:
-        with engine.begin() as conn:
+        with engine.execution_options(write=True).begin() as conn:
             cfg = alembic_config(settings.sqlalchemy_url)
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")

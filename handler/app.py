@@ -1,0 +1,170 @@
+"""The composition root: builds everything from Settings and runs it on one event loop.
+
+SMTP listener (aiosmtpd protocol via loop.create_server), HTTP server (uvicorn + Starlette),
+the intake writer and the dispatch ticker start together and stop together. Nothing here
+runs at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import uvicorn
+from sqlalchemy import Engine
+
+from handler import db
+from handler.clock import Clock, SystemClock
+from handler.config import Settings
+from handler.dispatch import Dispatcher
+from handler.http import make_http_app
+from handler.live import LiveRules
+from handler.render import Templates
+from handler.scheduler import Ticker
+from handler.service import Intake
+from handler.smtp_in import IntakeHandler, start_smtp_server
+from handler.smtp_out import RelayTransport
+from handler.transports import EmailTransport, FileSmsTransport, MaildirTransport, SmsTransport
+
+log = logging.getLogger("handler.app")
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the service owns shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class Service:
+    settings: Settings
+    engine: Engine
+    rules: LiveRules
+    intake: Intake
+    dispatcher: Dispatcher
+    ticker: Ticker
+    email: EmailTransport
+    sms: SmsTransport
+    smtp_server: asyncio.Server
+    http_server: uvicorn.Server
+    http_socket: socket.socket
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def smtp_port(self) -> int:
+        return int(self.smtp_server.sockets[0].getsockname()[1])
+
+    @property
+    def http_port(self) -> int:
+        return int(self.http_socket.getsockname()[1])
+
+    def describe(self) -> list[str]:
+        s = self.settings
+        return [
+            f"SMTP   listening on {s.smtp_host}:{self.smtp_port} for "
+            f"{', '.join(s.mailboxes)}",
+            f"HTTP   listening on http://{s.http_host}:{self.http_port} (GET /healthz)",
+            f"store  {_redact_url(s.database_url)}",
+            f"email  goes to {self.email.description}",
+            f"sms    goes to {self.sms.description}",
+            f"rules  {len(self.rules.ruleset.rules)} rules from {s.rules_dir} "
+            f"(version {self.rules.status.version[:12]})",
+        ]
+
+
+def _redact_url(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':')[0]}:***@{host}" if ":" in creds else url
+    return url
+
+
+def build_email_transport(settings: Settings) -> EmailTransport:
+    if settings.relay_host:
+        return RelayTransport(host=settings.relay_host, port=settings.relay_port,
+                              username=settings.relay_username, password=settings.relay_password,
+                              starttls=settings.relay_starttls, timeout=settings.relay_timeout)
+    return MaildirTransport(settings.maildir_path)
+
+
+def build_sms_transport(settings: Settings) -> SmsTransport:
+    return FileSmsTransport(settings.sms_dir_path)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    settings: Settings, *, clock: Clock | None = None, email: EmailTransport | None = None,
+    sms: SmsTransport | None = None, upgrade: bool = True,
+) -> AsyncIterator[Service]:
+    """Start the whole service; stop it gracefully when the block exits."""
+    clock = clock or SystemClock()
+    if upgrade:
+        await asyncio.to_thread(db.upgrade, settings)
+    engine = db.make_engine(settings.sqlalchemy_url)
+    sessions = db.make_sessionmaker(engine, write=True)
+    templates = Templates(settings.templates_dir)
+    rules = LiveRules(rules_dir=settings.rules_dir, templates=templates,
+                      max_sms_segments=settings.sms_max_segments, now=clock.now())
+    email = email or build_email_transport(settings)
+    sms = sms or build_sms_transport(settings)
+    dispatcher = Dispatcher(sessions=sessions, templates=templates, ruleset=rules.current,
+                            email=email, sms=sms, clock=clock, settings=settings)
+    ticker = Ticker(dispatcher.run_until_idle, interval=settings.dispatch_poll_seconds,
+                    on_wake=dispatcher.wake)
+    intake = Intake(sessions=sessions, ruleset=rules.current, clock=clock, settings=settings,
+                    on_queued=ticker.wake)
+    await intake.start()
+
+    http_app = make_http_app(rules=rules, db_ping=lambda: db.ping(engine))
+    config = uvicorn.Config(http_app, log_config=None, access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=5)
+    http_server = _QuietServer(config)
+    http_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    http_socket.bind((settings.http_host, settings.http_port))
+    http_socket.listen(2048)  # connections wait in the backlog until uvicorn is up
+    handler = IntakeHandler(intake=intake, mailboxes=settings.mailboxes,
+                            max_recipients=settings.smtp_max_recipients)
+    smtp_server = await start_smtp_server(settings, handler)
+    service = Service(settings=settings, engine=engine, rules=rules, intake=intake,
+                      dispatcher=dispatcher, ticker=ticker, email=email, sms=sms,
+                      smtp_server=smtp_server, http_server=http_server, http_socket=http_socket)
+    service.tasks.append(asyncio.create_task(http_server.serve(sockets=[http_socket])))
+    ticker.start()
+    try:
+        yield service
+    finally:
+        smtp_server.close()          # 1. accept nothing new
+        http_server.should_exit = True
+        await intake.stop()          # 2. commit what was already received
+        for task in service.tasks:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 10)
+        ticker.shutdown()            # 3. stop sending (rows in flight keep their lease)
+        await email.close()
+        await sms.close()
+        http_socket.close()
+        engine.dispose()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM / SIGINT; SIGHUP reloads rules and templates."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    async with running(settings) as service:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP,
+                                lambda: service.rules.reload(SystemClock().now()))
+        for line in service.describe():
+            print(line, flush=True)
+        await stop.wait()
+        print("shutting down: finishing accepted messages", flush=True)

@@ -1,0 +1,68 @@
+"""The rules and templates in force, swapped whole on a successful reload.
+
+A reload that fails validation keeps the previous rule set and records the error, so an
+administrator's broken edit never replaces rules that work.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from handler.render import Templates
+from handler.rules import RulesError, RuleSet, load_ruleset
+
+log = logging.getLogger("handler.rules")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadStatus:
+    version: str
+    loaded_at: datetime
+    last_error: str = ""
+    last_error_at: datetime | None = None
+
+
+def load_checked(rules_dir: Path, templates: Templates, *, max_sms_segments: int) -> RuleSet:
+    """Load the rules and check every template they name; raise RulesError listing all."""
+    ruleset = load_ruleset(rules_dir, known_templates=templates.names())
+    errors = templates.check(sorted(ruleset.templates_used), max_sms_segments=max_sms_segments)
+    if errors:
+        raise RulesError(errors)
+    return ruleset
+
+
+class LiveRules:
+    def __init__(self, *, rules_dir: Path, templates: Templates, max_sms_segments: int,
+                 now: datetime) -> None:
+        self.rules_dir = rules_dir
+        self.templates = templates
+        self._max_sms_segments = max_sms_segments
+        self._ruleset = load_checked(rules_dir, templates, max_sms_segments=max_sms_segments)
+        self.status = LoadStatus(self._ruleset.version, now)
+
+    @property
+    def ruleset(self) -> RuleSet:
+        return self._ruleset
+
+    def current(self) -> RuleSet:
+        return self._ruleset
+
+    def reload(self, now: datetime) -> bool:
+        """Try to load the files as they are now; True when the new rules are in force."""
+        try:
+            ruleset = load_checked(self.rules_dir, self.templates,
+                                   max_sms_segments=self._max_sms_segments)
+        except RulesError as exc:
+            message = "; ".join(exc.errors[:20])
+            self.status = LoadStatus(self.status.version, self.status.loaded_at, message, now)
+            log.error("rules reload refused, previous rules stay in force: %s", message)
+            return False
+        changed = ruleset.version != self._ruleset.version
+        self._ruleset = ruleset
+        self.status = LoadStatus(ruleset.version, now)
+        if changed:
+            log.info("rules reloaded: version %s", ruleset.version[:12])
+        return True

@@ -1,0 +1,50 @@
+"""Logging set-up, called once from the CLI. Patient data stays out of the logs.
+
+Our own log lines never carry message text, subjects, addresses or phone numbers; as a second
+line of defence a filter masks anything that looks like an email address or phone number, and
+aiosmtpd's INFO logging (which prints envelope addresses and command lines) is silenced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import sys
+
+_EMAIL = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
+_PHONE = re.compile(r"\+?\d[\d ()-]{7,}\d")
+
+
+def pseudonym(value: str) -> str:
+    """A stable short token for an address or number: safe to log, useless to a reader."""
+    return "h:" + hashlib.sha256(value.strip().lower().encode()).hexdigest()[:10]
+
+
+def redact(text: str) -> str:
+    text = _EMAIL.sub(lambda m: pseudonym(m.group(0)), text)
+    return _PHONE.sub(lambda m: pseudonym(re.sub(r"\D", "", m.group(0))), text)
+
+
+class RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.INFO:
+            message = record.getMessage()
+            cleaned = redact(message)
+            if cleaned != message:
+                record.msg, record.args = cleaned, None
+        return True
+
+
+def configure_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiosmtpd logs every command line and envelope address at INFO, DATA lines at DEBUG.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    logging.getLogger("twilio.http_client").setLevel(logging.WARNING)

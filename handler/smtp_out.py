@@ -1,0 +1,98 @@
+"""Outbound email through an SMTP relay with aiosmtplib (optional STARTTLS and login).
+
+Keeps a few connections open and reuses them; maps every failure to a SendResult:
+4xx and connection trouble are temporary, 5xx permanent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from email.message import EmailMessage
+
+import aiosmtplib
+
+from handler.transports import SendResult
+
+log = logging.getLogger("handler.smtp_out")
+
+
+class RelayTransport:
+    def __init__(
+        self, *, host: str, port: int, username: str = "", password: str = "",
+        starttls: bool = False, timeout: float = 60.0, connections: int = 4,
+    ) -> None:
+        self._host, self._port = host, port
+        self._username, self._password = username, password
+        self._starttls = starttls
+        self._timeout = timeout
+        self.description = f"SMTP relay {host}:{port}" + (" (STARTTLS)" if starttls else "")
+        self._idle: asyncio.Queue[aiosmtplib.SMTP | None] = asyncio.Queue()
+        for _ in range(connections):
+            self._idle.put_nowait(None)  # a slot; connected lazily
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        client = aiosmtplib.SMTP(hostname=self._host, port=self._port, timeout=self._timeout,
+                                 start_tls=self._starttls, use_tls=False)
+        await client.connect()
+        if self._username:
+            await client.login(self._username, self._password)
+        return client
+
+    async def send(self, message: EmailMessage, *, sender: str, recipient: str) -> SendResult:
+        client = await self._idle.get()
+        try:
+            if client is None or not client.is_connected:
+                client = await self._connect()
+            errors, response = await client.send_message(
+                message, sender=sender, recipients=[recipient])
+            if recipient in errors:
+                code, text = errors[recipient]
+                client = await _reset(client)
+                return _classify(code, text)
+            return SendResult.ok(response.strip() or "250")
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            client = await _reset(client)
+            first = exc.recipients[0] if exc.recipients else None
+            if first is None:
+                return SendResult.permanent("recipient refused")
+            return _classify(first.code, first.message)
+        except aiosmtplib.SMTPResponseException as exc:
+            client = await _reset(client)
+            return _classify(exc.code, exc.message)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            client = await _close(client)
+            return SendResult.temporary(f"relay unavailable: {type(exc).__name__}: {exc}")
+        finally:
+            self._idle.put_nowait(client)
+
+    async def close(self) -> None:
+        while not self._idle.empty():
+            await _close(self._idle.get_nowait())
+
+
+def _classify(code: int, text: str) -> SendResult:
+    detail = f"{code} {text}".strip()
+    if 400 <= code < 500:
+        return SendResult.temporary(detail, str(code))
+    return SendResult.permanent(detail, str(code))
+
+
+async def _reset(client: aiosmtplib.SMTP | None) -> aiosmtplib.SMTP | None:
+    if client is None or not client.is_connected:
+        return None
+    try:
+        await client.rset()
+        return client
+    except (aiosmtplib.SMTPException, OSError):
+        return await _close(client)
+
+
+async def _close(client: aiosmtplib.SMTP | None) -> None:
+    if client is not None:
+        try:
+            if client.is_connected:
+                await client.quit()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            client.close()
+    return None

@@ -1,0 +1,280 @@
+"""Database reads and writes for intake and delivery, on a caller's (synchronous) Session.
+
+Functions here never commit: the caller owns the transaction. Intake calls `gather_facts`
+and `record_inbound` for every message of a group commit; the dispatcher claims and marks
+outbox rows.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from handler.decision import Decision, Facts, ReminderSpec
+from handler.inbound import Channel, InboundMessage
+from handler.models import (
+    Attachment,
+    Blob,
+    Contact,
+    Enquiry,
+    Event,
+    Message,
+    OutboxItem,
+    Reminder,
+)
+
+_REF_ALPHABET = "ABCDEFGHJKMNPQRSTVWXYZ23456789"  # no 0/O, 1/I/L, U: easy to read aloud
+REFERENCE_RE = re.compile(r"\bENQ-([A-HJ-NP-TV-Z2-9]{6})\b", re.IGNORECASE)
+_DURATION_RE = re.compile(r"^\s*(\d+)\s*([mhdw])\s*$")
+
+
+def new_reference() -> str:
+    return "ENQ-" + "".join(secrets.choice(_REF_ALPHABET) for _ in range(6))
+
+
+def new_message_id(domain: str) -> str:
+    return f"{uuid.uuid4().hex}@{domain}"
+
+
+def parse_duration(text: str) -> timedelta:
+    """"30m", "4h", "2d", "1w" -> timedelta."""
+    m = _DURATION_RE.match(text)
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30m, 4h, 2d, 1w)")
+    n, unit = int(m.group(1)), m.group(2)
+    return {"m": timedelta(minutes=n), "h": timedelta(hours=n), "d": timedelta(days=n),
+            "w": timedelta(weeks=n)}[unit]
+
+
+@dataclass(frozen=True, slots=True)
+class Thread:
+    enquiry: Enquiry | None
+    how: str = ""
+
+
+def find_contact(session: Session, msg: InboundMessage) -> Contact | None:
+    column = Contact.phone if msg.channel is Channel.SMS else Contact.email
+    return session.scalars(select(Contact).where(column == msg.sender)).first()
+
+
+def get_or_create_contact(session: Session, msg: InboundMessage, now: datetime) -> Contact:
+    contact = find_contact(session, msg)
+    if contact is None:
+        contact = Contact(created_at=now, name=msg.sender_name[:200])
+        if msg.channel is Channel.SMS:
+            contact.phone = msg.sender
+        else:
+            contact.email = msg.sender
+        session.add(contact)
+        session.flush()
+    elif msg.sender_name and not contact.name:
+        contact.name = msg.sender_name[:200]
+    return contact
+
+
+def find_thread(
+    session: Session, msg: InboundMessage, contact: Contact | None, *, now: datetime,
+    sms_thread_days: int,
+) -> Thread:
+    """The enquiry this message continues, if any: by our Message-IDs, the patient's earlier
+    Message-IDs, a reference in the subject (same contact only), or for SMS an open enquiry
+    from the same number inside the window."""
+    ids = list(msg.thread_ids)
+    if ids:
+        enquiry_id = session.scalar(
+            select(OutboxItem.enquiry_id).where(OutboxItem.message_id.in_(ids)).limit(1))
+        if enquiry_id is None:
+            enquiry_id = session.scalar(
+                select(Message.enquiry_id)
+                .where(Message.channel == msg.channel.value, Message.external_id.in_(ids))
+                .limit(1))
+        if enquiry_id is not None:
+            return Thread(session.get(Enquiry, enquiry_id), "thread headers")
+    if contact is None:
+        return Thread(None)
+    if msg.channel is Channel.EMAIL:
+        m = REFERENCE_RE.search(msg.subject)
+        if m:
+            enquiry = session.scalars(select(Enquiry).where(
+                Enquiry.reference == "ENQ-" + m.group(1).upper(),
+                Enquiry.contact_id == contact.id)).first()
+            if enquiry is not None:
+                return Thread(enquiry, "reference in subject")
+    else:
+        enquiry = session.scalars(
+            select(Enquiry)
+            .where(Enquiry.contact_id == contact.id, Enquiry.status == "open",
+                   Enquiry.last_inbound_at >= now - timedelta(days=sms_thread_days))
+            .order_by(Enquiry.last_inbound_at.desc())
+            .limit(1)).first()
+        if enquiry is not None:
+            return Thread(enquiry, f"open SMS enquiry within {sms_thread_days} days")
+    return Thread(None)
+
+
+def gather_facts(
+    session: Session, msg: InboundMessage, contact: Contact | None, thread: Thread, *,
+    now: datetime, ack_window: timedelta,
+) -> Facts:
+    if contact is None:
+        return Facts(is_reply=thread.enquiry is not None)
+    earlier = session.scalar(
+        select(func.count()).select_from(Enquiry).where(Enquiry.contact_id == contact.id)) or 0
+    acks = session.scalar(
+        select(func.count()).select_from(OutboxItem).where(
+            OutboxItem.recipient == msg.sender,
+            OutboxItem.kind == "ack",
+            OutboxItem.status != "cancelled",
+            OutboxItem.created_at >= now - ack_window)) or 0
+    return Facts(
+        is_reply=thread.enquiry is not None,
+        earlier_enquiries=int(earlier),
+        acks_last_24h=int(acks),
+        sms_opted_out=contact.sms_opted_out_at is not None,
+        email_suppressed=contact.email_suppressed_at is not None,
+    )
+
+
+def is_our_message_id(session: Session, message_id: str) -> bool:
+    return session.scalar(
+        select(OutboxItem.id).where(OutboxItem.message_id == message_id).limit(1)) is not None
+
+
+def find_inbound(session: Session, msg: InboundMessage) -> Message | None:
+    return session.scalars(select(Message).where(
+        Message.channel == msg.channel.value, Message.direction == "in",
+        Message.external_id == msg.external_id)).first()
+
+
+def _store_attachments(session: Session, message: Message, msg: InboundMessage) -> None:
+    for att in msg.attachments:
+        sha = None
+        if att.data:
+            sha = att.sha256
+            if session.get(Blob, sha) is None:
+                session.add(Blob(sha256=sha, size=len(att.data), data=att.data))
+                session.flush()
+        session.add(Attachment(message_id=message.id, filename=att.filename,
+                               content_type=att.content_type, size=att.size, sha256=sha,
+                               url=att.url))
+
+
+def add_message(
+    session: Session, msg: InboundMessage, *, enquiry: Enquiry | None, contact: Contact | None,
+    kind: str, now: datetime,
+) -> Message:
+    message = Message(
+        enquiry_id=enquiry.id if enquiry else None,
+        contact_id=contact.id if contact else None,
+        direction="in", channel=msg.channel.value, external_id=msg.external_id,
+        sender=msg.sender, recipients=list(msg.recipients), subject=msg.subject, text=msg.text,
+        html=msg.html, headers=dict(msg.headers), raw=msg.raw or None,
+        defects=list(msg.defects), kind=kind, created_at=now,
+    )
+    session.add(message)
+    session.flush()
+    _store_attachments(session, message, msg)
+    return message
+
+
+def unique_reference(session: Session) -> str:
+    while True:
+        ref = new_reference()
+        if session.scalar(select(Enquiry.id).where(Enquiry.reference == ref)) is None:
+            return ref
+
+
+def create_enquiry(
+    session: Session, msg: InboundMessage, contact: Contact, decision: Decision, now: datetime
+) -> Enquiry:
+    enquiry = Enquiry(
+        reference=unique_reference(session), contact_id=contact.id, channel=msg.channel.value,
+        mailbox=msg.mailbox, subject=msg.subject[:500], category=decision.category,
+        priority=decision.priority, team=decision.team, teams=list(decision.teams),
+        tags=list(decision.tags), rule=decision.rule, reply_template=decision.reply_template,
+        notify_template=decision.notify_template, decision=decision.to_json(),
+        ruleset_version=decision.ruleset_version, status="open", created_at=now,
+        updated_at=now, last_inbound_at=now,
+    )
+    session.add(enquiry)
+    session.flush()
+    return enquiry
+
+
+def enqueue(
+    session: Session, *, kind: str, channel: Channel | str, recipient: str, template: str,
+    due_at: datetime, now: datetime, domain: str, enquiry: Enquiry | None = None,
+    contact: Contact | None = None, context: dict[str, Any] | None = None, urgent: bool = False,
+    reminder: Reminder | None = None,
+) -> OutboxItem:
+    item = OutboxItem(
+        enquiry_id=enquiry.id if enquiry else None, contact_id=contact.id if contact else None,
+        reminder_id=reminder.id if reminder else None, kind=kind, channel=str(channel),
+        recipient=recipient, template=template, context=context or {}, urgent=urgent,
+        message_id=new_message_id(domain), status="pending", due_at=due_at, attempts=0,
+        created_at=now,
+    )
+    session.add(item)
+    return item
+
+
+def add_reminders(
+    session: Session, enquiry: Enquiry, specs: Sequence[ReminderSpec], now: datetime
+) -> None:
+    for spec in specs:
+        session.add(Reminder(enquiry_id=enquiry.id, name=spec.name, template=spec.template,
+                             to=spec.to, unless=spec.unless,
+                             due_at=now + parse_duration(spec.after), status="pending",
+                             created_at=now))
+
+
+def record_event(
+    session: Session, kind: str, now: datetime, *, enquiry: Enquiry | None = None,
+    contact: Contact | None = None, actor: str = "system", **detail: Any,
+) -> None:
+    session.add(Event(at=now, kind=kind, enquiry_id=enquiry.id if enquiry else None,
+                      contact_id=contact.id if contact else None, actor=actor, detail=detail))
+
+
+# --- delivery -------------------------------------------------------------------------------
+
+def claim_due_outbox(
+    session: Session, now: datetime, *, limit: int, lease: timedelta
+) -> list[OutboxItem]:
+    """Mark up to `limit` due rows as sending under a lease; a crashed worker's rows become
+    claimable again once the lease has passed. SKIP LOCKED lets PostgreSQL instances share."""
+    query = (
+        select(OutboxItem)
+        .where(or_(OutboxItem.status == "pending",
+                   (OutboxItem.status == "sending") & (OutboxItem.lease_until < now)),
+               OutboxItem.due_at <= now)
+        .order_by(OutboxItem.urgent.desc(), OutboxItem.due_at, OutboxItem.id)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    items = list(session.scalars(query))
+    for item in items:
+        item.status = "sending"
+        item.lease_until = now + lease
+        item.attempts += 1
+    session.flush()
+    return items
+
+
+def cancel_pending(
+    session: Session, where: Iterable[Any], reason: str, now: datetime
+) -> int:
+    result = session.execute(
+        update(OutboxItem)
+        .where(OutboxItem.status == "pending", *where)
+        .values(status="cancelled", cancel_reason=reason, lease_until=None))
+    return int(getattr(result, "rowcount", 0) or 0)
