@@ -14,8 +14,10 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import uvicorn
+import watchfiles
 from sqlalchemy import Engine
 
 from handler import db
@@ -24,7 +26,6 @@ from handler.config import Settings
 from handler.dispatch import Dispatcher
 from handler.http import make_http_app
 from handler.live import LiveRules
-from handler.render import Templates
 from handler.scheduler import Ticker
 from handler.service import Intake
 from handler.smtp_in import IntakeHandler, start_smtp_server
@@ -110,12 +111,11 @@ async def running(
         await asyncio.to_thread(db.upgrade, settings)
     engine = db.make_engine(settings.sqlalchemy_url)
     sessions = db.make_sessionmaker(engine, write=True)
-    templates = Templates(settings.templates_dir)
-    rules = LiveRules(rules_dir=settings.rules_dir, templates=templates,
+    rules = LiveRules(rules_dir=settings.rules_dir, templates_dir=settings.templates_dir,
                       max_sms_segments=settings.sms_max_segments, now=clock.now())
     email = email or build_email_transport(settings)
     sms = sms or build_sms_transport(settings)
-    dispatcher = Dispatcher(sessions=sessions, templates=templates, ruleset=rules.current,
+    dispatcher = Dispatcher(sessions=sessions, templates=rules, ruleset=rules.current,
                             email=email, sms=sms, clock=clock, settings=settings)
     ticker = Ticker(dispatcher.run_until_idle, interval=settings.dispatch_poll_seconds,
                     on_wake=dispatcher.wake)
@@ -139,11 +139,15 @@ async def running(
                       smtp_server=smtp_server, http_server=http_server, http_socket=http_socket)
     service.tasks.append(asyncio.create_task(http_server.serve(sockets=[http_socket])))
     ticker.start()
+    watcher = asyncio.create_task(
+        watch_and_reload(rules, [settings.rules_dir, settings.templates_dir], clock))
+    await asyncio.sleep(0)  # let the watcher register before anyone edits a file
     try:
         yield service
     finally:
         smtp_server.close()          # 1. accept nothing new
         http_server.should_exit = True
+        watcher.cancel()
         await intake.stop()          # 2. commit what was already received
         for task in service.tasks:
             with contextlib.suppress(Exception):
@@ -155,15 +159,28 @@ async def running(
         engine.dispose()
 
 
+async def watch_and_reload(rules: LiveRules, paths: list[Path], clock: Clock) -> None:
+    """Reload rules and templates when a file under `paths` changes (well within 2 s)."""
+    try:
+        async for _changes in watchfiles.awatch(*paths, debounce=200, step=50,
+                                                 recursive=True):
+            await asyncio.to_thread(rules.reload, clock.now())
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # e.g. the folder vanished: SIGHUP still works
+        log.exception("file watching stopped; send SIGHUP to reload rules and templates")
+
+
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM / SIGINT; SIGHUP reloads rules and templates."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    reloads: set[asyncio.Task[bool]] = set()  # keeps SIGHUP reload tasks referenced
     async with running(settings) as service:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP,
-                                lambda: service.rules.reload(SystemClock().now()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: reloads.add(asyncio.create_task(
+            asyncio.to_thread(service.rules.reload, SystemClock().now()))))
         for line in service.describe():
             print(line, flush=True)
         await stop.wait()

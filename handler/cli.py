@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from handler import __version__, db
+from handler.cli_rules import add_rules_commands
 from handler.config import ConfigError, Settings, load_settings
 from handler.logs import configure_logging
 from handler.models import Enquiry, Event, Message, OutboxItem, Reminder
@@ -232,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("reference")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_enquiries_show)
+    add_rules_commands(sub)
     return parser
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime, formataddr
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,13 +23,19 @@ from handler import store
 from handler.clock import Clock
 from handler.config import Settings
 from handler.models import Contact, Enquiry, Event, Message, OutboxItem
-from handler.render import RenderedEmail, TemplateError, Templates
+from handler.render import RenderedEmail, TemplateError
 from handler.rules import RuleSet
 from handler.transports import EmailTransport, Outcome, SendResult, SmsRequest, SmsTransport
 
 log = logging.getLogger("handler.dispatch")
 
 AUTO_SUBMITTED = {"ack": "auto-replied", "help": "auto-replied"}  # everything else: generated
+
+
+class Renderer(Protocol):
+    def render_email(self, name: str, context: Mapping[str, Any]) -> RenderedEmail: ...
+
+    def render_sms(self, name: str, context: Mapping[str, Any]) -> str: ...
 
 
 def next_attempt(attempts: int, now: datetime) -> datetime:
@@ -93,7 +99,7 @@ def compose_email(
 
 class Dispatcher:
     def __init__(
-        self, *, sessions: sessionmaker[Session], templates: Templates,
+        self, *, sessions: sessionmaker[Session], templates: Renderer,
         ruleset: Callable[[], RuleSet], email: EmailTransport, sms: SmsTransport, clock: Clock,
         settings: Settings, batch_size: int = 50, concurrency: int = 8,
     ) -> None:

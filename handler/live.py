@@ -7,11 +7,13 @@ administrator's broken edit never replaces rules that work.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from handler.render import Templates
+from handler.render import RenderedEmail, Templates
 from handler.rules import RulesError, RuleSet, load_ruleset
 
 log = logging.getLogger("handler.rules")
@@ -35,12 +37,17 @@ def load_checked(rules_dir: Path, templates: Templates, *, max_sms_segments: int
 
 
 class LiveRules:
-    def __init__(self, *, rules_dir: Path, templates: Templates, max_sms_segments: int,
+    """Rules and a frozen snapshot of the templates, replaced together only when both
+    validate. Renders go through it, so a broken template edit never reaches a patient."""
+
+    def __init__(self, *, rules_dir: Path, templates_dir: Path, max_sms_segments: int,
                  now: datetime) -> None:
         self.rules_dir = rules_dir
-        self.templates = templates
+        self.templates_dir = templates_dir
         self._max_sms_segments = max_sms_segments
-        self._ruleset = load_checked(rules_dir, templates, max_sms_segments=max_sms_segments)
+        self.templates = Templates(templates_dir, frozen=True)
+        self._ruleset = load_checked(rules_dir, self.templates,
+                                     max_sms_segments=max_sms_segments)
         self.status = LoadStatus(self._ruleset.version, now)
 
     @property
@@ -53,7 +60,8 @@ class LiveRules:
     def reload(self, now: datetime) -> bool:
         """Try to load the files as they are now; True when the new rules are in force."""
         try:
-            ruleset = load_checked(self.rules_dir, self.templates,
+            templates = Templates(self.templates_dir, frozen=True)
+            ruleset = load_checked(self.rules_dir, templates,
                                    max_sms_segments=self._max_sms_segments)
         except RulesError as exc:
             message = "; ".join(exc.errors[:20])
@@ -61,8 +69,16 @@ class LiveRules:
             log.error("rules reload refused, previous rules stay in force: %s", message)
             return False
         changed = ruleset.version != self._ruleset.version
-        self._ruleset = ruleset
+        self._ruleset, self.templates = ruleset, templates
         self.status = LoadStatus(ruleset.version, now)
         if changed:
             log.info("rules reloaded: version %s", ruleset.version[:12])
+        else:
+            log.info("templates reloaded")
         return True
+
+    def render_email(self, name: str, context: Mapping[str, Any]) -> RenderedEmail:
+        return self.templates.render_email(name, context)
+
+    def render_sms(self, name: str, context: Mapping[str, Any]) -> str:
+        return self.templates.render_sms(name, context)

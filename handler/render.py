@@ -79,7 +79,10 @@ class Templates:
         max_output_chars: int = 200_000,
         max_render_seconds: float = 2.0,
         timer: Callable[[], float] | None = None,
+        frozen: bool = False,
     ) -> None:
+        """`frozen=True` compiles every file now and never looks at the disk again for them:
+        the running service uses frozen snapshots, swapped whole when a reload validates."""
         self._dir = Path(templates_dir)
         self._max_chars = max_output_chars
         self._max_seconds = max_render_seconds
@@ -89,13 +92,25 @@ class Templates:
             timer=self._timer,
             filters={"format_datetime": format_datetime},
             loader=FileSystemLoader(str(self._dir)),
-            auto_reload=True,
+            auto_reload=not frozen,
+            cache_size=-1 if frozen else 400,
             undefined=StrictUndefined,
             autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=False,
                                          default=False),
             trim_blocks=True,
             lstrip_blocks=True,
         )
+
+        if frozen:
+            self._preload()
+
+    def _preload(self) -> None:
+        for path in sorted(self._dir.rglob("*")):
+            if path.is_file() and path.suffix in (".txt", ".html"):
+                try:
+                    self._env.get_template(path.relative_to(self._dir).as_posix())
+                except Exception:
+                    continue
 
     def names(self) -> dict[str, set[str]]:
         """Names with a complete email set (subject, text, HTML) and names with an SMS file."""

@@ -78,7 +78,7 @@ class Sink:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.replies:
             return self.replies.pop(0)
         parsed = message_from_bytes(envelope.original_content or b"", policy=policy.default)

@@ -16,7 +16,9 @@ from tests.conftest import ROOT, Sink
 from tests.test_e2e_email import enquiry_email, send
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "handler", *args], capture_output=True,
                           text=True, env=full_env, cwd=cwd, timeout=120, check=False)

@@ -14,8 +14,8 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from handler.app import Service
-from handler.db import make_sessionmaker
 from handler.clock import FakeClock
+from handler.db import make_sessionmaker
 from handler.models import Enquiry, Message, OutboxItem
 from tests.conftest import CLINIC, Sink, eventually
 
@@ -70,7 +70,7 @@ async def test_enquiry_is_stored_acknowledged_and_routed(service: Service, sink:
         stored = session.scalars(select(Message).where(Message.enquiry_id == enquiry.id)).one()
         assert stored.raw and b"HER2+" in stored.raw
         assert stored.external_id == msg["Message-ID"].strip("<>")
-        assert stored.headers["subject"] if "subject" in stored.headers else stored.subject
+        assert stored.subject == "Second opinion on my treatment plan"
 
     received = await sink.wait_for(2)
     ack = next(m for m in received if m["To"] == PATIENT)
