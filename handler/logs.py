@@ -13,7 +13,9 @@ import re
 import sys
 
 _EMAIL = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
-_PHONE = re.compile(r"\+?\d[\d ()-]{7,}\d")
+# Phone numbers: E.164 (+447700900123) and national forms (07700 900123, 020 7946 0000).
+# Dashes are left alone so that dates and times (2026-11-25T20:30) are not mistaken for one.
+_PHONE = re.compile(r"(?<![\w.:-])\+?\d[\d ()]{8,}\d(?![\w.:-])")
 
 
 def pseudonym(value: str) -> str:

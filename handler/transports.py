@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import mailbox
 from dataclasses import dataclass
 from email.message import EmailMessage
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
+
+log = logging.getLogger("handler.sms")
 
 
 class Outcome(StrEnum):
@@ -30,10 +33,12 @@ class SendResult:
     error: str = ""
     code: str = ""
     """Provider error code (SMTP reply code, Twilio error code) when there is one."""
+    status: str = ""
+    """The provider's own status for an accepted message (Twilio: "queued", "accepted")."""
 
     @classmethod
-    def ok(cls, provider_id: str) -> SendResult:
-        return cls(Outcome.OK, provider_id=provider_id)
+    def ok(cls, provider_id: str, status: str = "") -> SendResult:
+        return cls(Outcome.OK, provider_id=provider_id, status=status)
 
     @classmethod
     def temporary(cls, error: str, code: str = "") -> SendResult:
@@ -74,7 +79,9 @@ class MaildirTransport:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.description = f"local Maildir {path}"
-        path.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for sub in ("tmp", "new", "cur"):  # Maildir(create=True) skips these if path exists
+            (path / sub).mkdir(parents=True, exist_ok=True)
         self._box = mailbox.Maildir(str(path), create=True)
 
     async def send(self, message: EmailMessage, *, sender: str, recipient: str) -> SendResult:
@@ -106,7 +113,8 @@ class FileSmsTransport:
                 (self.path / name).write_text, json.dumps(payload, ensure_ascii=False), "utf-8")
         except OSError as exc:
             return SendResult.temporary(f"sms folder write failed: {exc.strerror}")
-        return SendResult.ok(f"file:{name}")
+        log.info("sms written to %s/ (no Twilio credentials: nothing was sent)", self.path)
+        return SendResult.ok(f"file:{name}", status="written")
 
     async def close(self) -> None:
         return None
