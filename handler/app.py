@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +22,20 @@ import watchfiles
 from sqlalchemy import Engine
 
 from handler import db
+from handler.bounces import Bounces
 from handler.clock import Clock, SystemClock
 from handler.config import Settings
 from handler.dispatch import Dispatcher
 from handler.http import make_http_app
 from handler.live import LiveRules
+from handler.loops import OwnMail
+from handler.privacy import RetentionJob
 from handler.scheduler import Ticker
 from handler.service import Intake
+from handler.sms_keywords import SmsKeywords
+from handler.sms_webhook import SmsWebhook
+from handler.sms_webhook import describe as describe_sms_webhook
+from handler.sms_webhook import startup_warnings as sms_warnings
 from handler.smtp_in import IntakeHandler, start_smtp_server
 from handler.smtp_out import RelayTransport
 from handler.transports import EmailTransport, FileSmsTransport, MaildirTransport, SmsTransport
@@ -75,6 +83,7 @@ class Service:
             f"store  {_redact_url(s.database_url)}",
             f"email  goes to {self.email.description}",
             f"sms    goes to {self.sms.description}",
+            describe_sms_webhook(s),
             f"rules  {len(self.rules.ruleset.rules)} rules from {s.rules_dir} "
             f"(version {self.rules.status.version[:12]})",
         ]
@@ -97,6 +106,12 @@ def build_email_transport(settings: Settings) -> EmailTransport:
 
 
 def build_sms_transport(settings: Settings) -> SmsTransport:
+    if settings.twilio_account_sid and settings.twilio_auth_token:
+        from handler.sms_out import TwilioTransport
+
+        return TwilioTransport(account_sid=settings.twilio_account_sid,
+                               auth_token=settings.twilio_auth_token,
+                               sender=settings.twilio_from, api_url=settings.twilio_api_url)
     return FileSmsTransport(settings.sms_dir_path)
 
 
@@ -121,9 +136,18 @@ async def running(
                     on_wake=dispatcher.wake)
     intake = Intake(sessions=sessions, ruleset=rules.current, clock=clock, settings=settings,
                     on_queued=ticker.wake)
+    intake.interceptors.append(SmsKeywords(settings=settings))  # STOP / START / HELP
+    intake.interceptors += [Bounces.from_settings(settings),  # DSNs never open enquiries
+                            OwnMail(ruleset=rules.current,  # nor does mail from our side
+                                    mailboxes=(*settings.mailboxes, settings.clinic_address))]
+    if settings.retention_days > 0:
+        ticker.add_cron(RetentionJob(sessions=sessions, clock=clock, settings=settings),
+                        "retention-purge", hour=3, minute=30, timezone=settings.timezone)
     await intake.start()
+    sms_webhook = SmsWebhook(settings=settings, intake=intake, sessions=sessions, clock=clock)
 
-    http_app = make_http_app(rules=rules, db_ping=lambda: db.ping(engine))
+    http_app = make_http_app(rules=rules, db_ping=lambda: db.ping(engine),
+                             extra_routes=sms_webhook.routes())
     config = uvicorn.Config(http_app, log_config=None, access_log=False, lifespan="off",
                             timeout_graceful_shutdown=5)
     http_server = _QuietServer(config)
@@ -183,5 +207,7 @@ async def serve(settings: Settings) -> None:
             asyncio.to_thread(service.rules.reload, SystemClock().now()))))
         for line in service.describe():
             print(line, flush=True)
+        if warnings := sms_warnings(settings):
+            print("\n".join(["!" * 78, *warnings, "!" * 78]), file=sys.stderr, flush=True)
         await stop.wait()
         print("shutting down: finishing accepted messages", flush=True)

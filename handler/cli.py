@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from handler import __version__, db
+from handler.cli_data import add_data_commands
 from handler.cli_rules import add_rules_commands
 from handler.config import ConfigError, Settings, load_settings
 from handler.logs import configure_logging
@@ -38,6 +39,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         for line in exc.errors:
             print(f"  {line}", file=sys.stderr)
         return 1
+    except ConfigError as exc:  # found while building (quiet hours, Twilio sender, ...)
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -57,6 +61,14 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
                                    max_sms_segments=settings.sms_max_segments)
         except RulesError as exc:
             problems.extend(exc.errors)
+    if settings.templates_dir.is_dir():  # SMS: segment counts, templates sent outside rules
+        from handler.sms_check import check_sms, segment_report
+
+        sms_templates = Templates(settings.templates_dir)
+        print("SMS templates with sample data:")
+        print("\n".join(segment_report(sms_templates, settings.sms_max_segments)))
+        if ruleset is not None:
+            problems.extend(check_sms(settings, sms_templates, ruleset.templates_used))
     for line in problems:
         print(line)
     if problems:
@@ -225,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="enq_cmd", required=True)
     lst = enq.add_parser("list", help="most recent enquiries")
     lst.add_argument("--limit", type=int, default=50)
-    lst.add_argument("--status", choices=["open", "closed"])
+    lst.add_argument("--status", choices=["open", "closed", "erased"])
     lst.add_argument("--team")
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=cmd_enquiries_list)
@@ -234,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_enquiries_show)
     add_rules_commands(sub)
+    add_data_commands(sub)
     return parser
 
 

@@ -33,6 +33,7 @@ class Settings:
     smtp_max_message_size: int = 25 * 1024 * 1024
     smtp_max_recipients: int = 50
     smtp_max_connections: int = 1000
+    smtp_max_connections_per_client: int = 50  # per client IP address; 0 = no limit
     smtp_timeout: int = 300
     smtp_tls_cert: Path | None = None
     smtp_tls_key: Path | None = None

@@ -24,10 +24,13 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         path = url.split("///", 1)[1] if "///" in url else ""
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, echo=echo, connect_args={"timeout": 30})
+        # hide_parameters: a database error must not put patient data in the logs
+        engine = create_engine(url, echo=echo, connect_args={"timeout": 30},
+                               hide_parameters=True)
         _configure_sqlite(engine)
         return engine
-    engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=10,
+                           hide_parameters=True)
 
     @event.listens_for(engine, "connect")
     def _pg_connect(dbapi_conn: Any, _record: Any) -> None:

@@ -12,14 +12,16 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from email import policy as email_policy
+from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage
 from email.utils import format_datetime, formataddr
 from typing import Any, Protocol
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, defer, selectinload, sessionmaker
 
-from handler import store
+from handler import bounces, sms_policy, store
 from handler.clock import Clock
 from handler.config import Settings
 from handler.models import Contact, Enquiry, Event, Message, OutboxItem
@@ -30,6 +32,25 @@ from handler.transports import EmailTransport, Outcome, SendResult, SmsRequest, 
 log = logging.getLogger("handler.dispatch")
 
 AUTO_SUBMITTED = {"ack": "auto-replied", "help": "auto-replied"}  # everything else: generated
+
+
+class _HeaderClasses(HeaderRegistry):
+    """The stdlib registry builds a new class with type() for every header it sets or
+    parses (~14 µs, about 40 times per outbound mail); the classes are stateless, so making
+    each once gives byte-identical messages at a third less cost."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: dict[str, type[BaseHeader]] = {}
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        made = self._made.get(name.lower())
+        if made is None:
+            made = self._made[name.lower()] = super().__getitem__(name)
+        return made
+
+
+_POLICY = email_policy.default.clone(header_factory=_HeaderClasses())
 
 
 class Renderer(Protocol):
@@ -72,7 +93,7 @@ def compose_email(
     references: list[str] | None = None, reply_to: str | None = None,
 ) -> EmailMessage:
     """A multipart/alternative (text + HTML) message; headers never carry CR/LF."""
-    msg = EmailMessage()
+    msg = EmailMessage(policy=_POLICY)
     subject = " ".join(rendered.subject.split())
     if reference and reference not in subject:
         subject = f"{subject} [{reference}]"
@@ -110,6 +131,7 @@ class Dispatcher:
         self._sms = sms
         self._clock = clock
         self._settings = settings
+        self._sms_gate = sms_policy.SmsGate.from_settings(settings)  # opt-outs and quiet hours
         self._batch_size = batch_size
         self._limit = asyncio.Semaphore(concurrency)
         self._woken = False
@@ -143,16 +165,21 @@ class Dispatcher:
         lease = timedelta(seconds=self._settings.outbox_lease_seconds)
         with self._sessions() as session, session.begin():
             items = store.claim_due_outbox(session, now, limit=self._batch_size, lease=lease)
-            return [self._job(session, item) for item in items]
+            items = self._sms_gate.admit(session, items, now)
+            items = bounces.drop_suppressed(session, items)  # hard-bounced addresses
+            rows = _BatchRows.load(session, items)
+            return [self._job(session, item, rows) for item in items]
 
-    def _job(self, session: Session, item: OutboxItem) -> Job:
+    def _job(self, session: Session, item: OutboxItem, rows: _BatchRows | None = None) -> Job:
         job = Job(id=item.id, kind=item.kind, channel=item.channel, recipient=item.recipient,
                   template=item.template, message_id=item.message_id, attempts=item.attempts,
                   context=dict(item.context))
-        job.row_context = self._context(session, item)
+        job.row_context = self._context(session, item, rows)
         return job
 
-    def _context(self, session: Session, item: OutboxItem) -> dict[str, Any]:
+    def _context(
+        self, session: Session, item: OutboxItem, rows: _BatchRows | None = None
+    ) -> dict[str, Any]:
         s = self._settings
         ruleset = self._ruleset()
         ctx: dict[str, Any] = {
@@ -186,9 +213,9 @@ class Dispatcher:
                 name = contact.name or ""
                 ctx["patient"] = {"name": name, "first_name": name.split(" ")[0] if name else "",
                                   "email": contact.email or "", "phone": contact.phone or ""}
-            latest = session.scalars(
-                select(Message).where(Message.enquiry_id == enquiry.id, Message.direction == "in")
-                .order_by(Message.id.desc()).limit(1)).first()
+            if rows is None:
+                rows = _BatchRows.load(session, [item])
+            latest = rows.latest.get(enquiry.id)
             if latest is not None:
                 ctx["message"] = {
                     "subject": latest.subject, "text": latest.text,
@@ -243,14 +270,18 @@ class Dispatcher:
     def _record(self, results: list[Sent]) -> None:
         now = self._clock.now()
         with self._sessions() as session, session.begin():
+            # One query for the batch instead of one per row.
+            items = {item.id: item for item in session.scalars(select(OutboxItem).where(
+                OutboxItem.id.in_([sent.job.id for sent in results])))}
             for sent in results:
-                item = session.get(OutboxItem, sent.job.id)
+                item = items.get(sent.job.id)
                 if item is None:
                     continue
                 self._apply(session, item, sent, now)
 
     def _apply(self, session: Session, item: OutboxItem, sent: Sent, now: datetime) -> None:
         result = sent.result
+        sms_policy.after_send(session, item, result, now)  # delivery status; 21610 = opted out
         item.lease_until = None
         if result.outcome is Outcome.OK:
             item.status = "sent"
@@ -276,6 +307,36 @@ class Dispatcher:
                           contact_id=item.contact_id,
                           detail={"outbox": item.id, "kind": item.kind, "code": result.code,
                                   "reason": result.error[:500]}))
+
+
+@dataclass(slots=True)
+class _BatchRows:
+    """The enquiries, contacts and latest inbound messages behind a claimed batch, read with
+    one query per table rather than several per row. Holding them here also keeps them in the
+    session's identity map (which holds objects weakly), so `session.get` finds them."""
+
+    enquiries: list[Enquiry]
+    contacts: list[Contact]
+    latest: dict[int, Message]
+    """enquiry id -> its latest inbound message, keywords (STOP, HELP...) left out"""
+
+    @classmethod
+    def load(cls, session: Session, items: list[OutboxItem]) -> _BatchRows:
+        ids = {item.enquiry_id for item in items if item.enquiry_id is not None}
+        if not ids:
+            return cls([], [], {})
+        enquiries = list(session.scalars(select(Enquiry).where(Enquiry.id.in_(ids))))
+        contacts = list(session.scalars(select(Contact).where(
+            Contact.id.in_({e.contact_id for e in enquiries}))))
+        newest = (select(func.max(Message.id))
+                  .where(Message.enquiry_id.in_(ids), Message.direction == "in",
+                         Message.kind.not_in(("opt-out", "opt-in", "help")))
+                  .group_by(Message.enquiry_id))
+        messages = session.scalars(
+            select(Message).where(Message.id.in_(newest))
+            .options(defer(Message.raw), defer(Message.html), selectinload(Message.attachments)))
+        return cls(enquiries, contacts, {m.enquiry_id: m for m in messages
+                                         if m.enquiry_id is not None})
 
 
 def _team_name(ruleset: RuleSet, team_id: str) -> str:

@@ -45,6 +45,12 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Libraries that would log patient data (or noise) at INFO are held at WARNING.
+    The test suite applies this too, and then checks every INFO+ record for patient data."""
     # aiosmtpd logs every command line and envelope address at INFO, DATA lines at DEBUG.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)

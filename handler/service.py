@@ -97,6 +97,7 @@ class Intake:
             pending = self._queue.get_nowait()
             if pending is not None and not pending.future.done():
                 pending.future.set_exception(RuntimeError("service is shutting down"))
+        self._queue = None  # later callers get an error (SMTP 451), not a wait for no one
 
     async def accept(self, msg: InboundMessage) -> AcceptOutcome:
         """Durably record `msg`; raises when it could not be stored (caller answers 4xx/5xx)."""
@@ -148,7 +149,7 @@ class Intake:
                         results.append(self.record(session, msg, now))
                 except IntegrityError:
                     # Another instance stored the same message between our read and write.
-                    session.expire_all()
+                    session.expunge_all()  # rows inserted in the rolled-back savepoint are gone
                     existing = store.find_inbound(session, msg)
                     if existing is None:
                         results.append(RuntimeError("integrity error without a duplicate"))
@@ -156,6 +157,7 @@ class Intake:
                         results.append(_duplicate(existing))
                 except Exception as exc:
                     log.exception("intake failed for one message (%s)", msg.channel.value)
+                    session.expunge_all()  # rows inserted in the rolled-back savepoint are gone
                     results.append(exc)
         return results
 
@@ -180,7 +182,7 @@ class Intake:
         decision = classify(msg, ruleset, facts, now)
         auto_reason = guards.auto_reply_reason(
             msg, is_own_message=store.is_our_message_id(session, msg.external_id))
-        contact = store.get_or_create_contact(session, msg, now)
+        contact = store.get_or_create_contact(session, msg, now, known=contact)
         if msg.channel is Channel.EMAIL and contact.email_suppressed_at is not None:
             contact.email_suppressed_at = None  # they wrote in: the address works again
             store.record_event(session, "email-unsuppressed", now, contact=contact)

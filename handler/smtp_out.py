@@ -60,6 +60,13 @@ class RelayTransport:
         except aiosmtplib.SMTPResponseException as exc:
             client = await _reset(client)
             return _classify(exc.code, exc.message)
+        except aiosmtplib.SMTPNotSupported as exc:
+            if recipient.isascii() and sender.isascii():
+                client = await _close(client)
+                return SendResult.temporary(f"relay unavailable: {type(exc).__name__}: {exc}")
+            # a non-ASCII address needs SMTPUTF8, which this relay lacks: retrying won't help
+            client = await _reset(client)
+            return SendResult.permanent(f"relay cannot send to this address: {exc}")
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             client = await _close(client)
             return SendResult.temporary(f"relay unavailable: {type(exc).__name__}: {exc}")

@@ -13,10 +13,21 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import (
+    Column,
+    Executable,
+    Result,
+    bindparam,
+    func,
+    insert,
+    inspect,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from handler.decision import Decision, Facts, ReminderSpec
 from handler.inbound import Channel, InboundMessage
@@ -31,9 +42,71 @@ from handler.models import (
     Reminder,
 )
 
+_Row = TypeVar("_Row", Contact, Enquiry, Message, OutboxItem)
 _REF_ALPHABET = "ABCDEFGHJKMNPQRSTVWXYZ23456789"  # no 0/O, 1/I/L, U: easy to read aloud
 REFERENCE_RE = re.compile(r"\bENQ-([A-HJ-NP-TV-Z2-9]{6})\b", re.IGNORECASE)
 _DURATION_RE = re.compile(r"^\s*(\d+)\s*([mhdw])\s*$")
+
+# Intake's hot-path queries, built once as Core statements on the tables: an ORM query costs
+# ~140 µs of Python per call (building the expression, loading entities), these ~25 µs.
+_contact, _enquiry = Contact.__table__, Enquiry.__table__
+_message, _outbox = Message.__table__, OutboxItem.__table__
+_CONTACT_BY_EMAIL = select(_contact.c.id).where(_contact.c.email == bindparam("sender"))
+_CONTACT_BY_PHONE = select(_contact.c.id).where(_contact.c.phone == bindparam("sender"))
+_EARLIER_ENQUIRIES = select(func.count()).select_from(_enquiry).where(
+    _enquiry.c.contact_id == bindparam("contact_id"))
+_ACKS_SINCE = select(func.count()).select_from(_outbox).where(
+    _outbox.c.recipient == bindparam("recipient"), _outbox.c.kind == "ack",
+    # a failed (bounced, refused) acknowledgement never arrived: it does not count
+    _outbox.c.status.not_in(("cancelled", "failed")), _outbox.c.created_at >= bindparam("since"))
+_OUR_MESSAGE_ID = select(_outbox.c.id).where(_outbox.c.message_id == bindparam("message_id"))
+_INBOUND = select(_message.c.id).where(
+    _message.c.channel == bindparam("channel"), _message.c.direction == "in",
+    _message.c.external_id == bindparam("external_id"))
+_REFERENCE_TAKEN = select(_enquiry.c.id).where(_enquiry.c.reference == bindparam("reference"))
+_INSERT_EVENT = insert(Event.__table__)
+_INSERT_REMINDER = insert(Reminder.__table__)
+
+
+def _core(session: Session, statement: Executable, **params: Any) -> Result[Any]:
+    """Run a prebuilt Core statement in the session's transaction. Flushes pending objects
+    first, as an ORM query would (Core statements skip the session's autoflush)."""
+    if session.autoflush:
+        session.flush()
+    return session.connection().execute(statement, params)
+
+
+def _add_now(session: Session, obj: _Row) -> _Row:
+    """INSERT `obj`'s row at once with Core and attach `obj` to the session as though it had
+    been loaded: a third of the cost of session.add + flush. Columns left unset get their
+    column defaults, as a flush would give them. (After a failed savepoint such objects are
+    not expunged by the rollback: the intake writer expunges everything itself.)"""
+    table = obj.__table__
+    given = inspect(obj).dict
+    values: dict[str, Any] = {}
+    for column in table.columns:
+        if column.key in given:
+            values[column.key] = given[column.key]
+        elif not column.primary_key and _has_python_default(column):
+            values[column.key] = _python_default(column)
+            setattr(obj, column.key, values[column.key])
+    result = session.connection().execute(insert(table), values)
+    obj.id = result.inserted_primary_key[0]
+    make_transient_to_detached(obj)
+    session.add(obj)
+    return obj
+
+
+def _has_python_default(column: Column[Any]) -> bool:
+    default = column.default
+    return default is None or bool(default.is_scalar or default.is_callable)
+
+
+def _python_default(column: Column[Any]) -> Any:
+    default = column.default
+    if default is None:
+        return None
+    return default.arg if default.is_scalar else default.arg(None)  # type: ignore[attr-defined]
 
 
 def new_reference() -> str:
@@ -61,20 +134,24 @@ class Thread:
 
 
 def find_contact(session: Session, msg: InboundMessage) -> Contact | None:
-    column = Contact.phone if msg.channel is Channel.SMS else Contact.email
-    return session.scalars(select(Contact).where(column == msg.sender)).first()
+    statement = _CONTACT_BY_PHONE if msg.channel is Channel.SMS else _CONTACT_BY_EMAIL
+    contact_id = _core(session, statement, sender=msg.sender).scalar()
+    return None if contact_id is None else session.get(Contact, contact_id)
 
 
-def get_or_create_contact(session: Session, msg: InboundMessage, now: datetime) -> Contact:
-    contact = find_contact(session, msg)
+def get_or_create_contact(
+    session: Session, msg: InboundMessage, now: datetime, *, known: Contact | None = None
+) -> Contact:
+    """The sender's contact, created if new; `known` saves the lookup when the caller has
+    just found it."""
+    contact = known or find_contact(session, msg)
     if contact is None:
         contact = Contact(created_at=now, name=msg.sender_name[:200])
         if msg.channel is Channel.SMS:
             contact.phone = msg.sender
         else:
             contact.email = msg.sender
-        session.add(contact)
-        session.flush()
+        _add_now(session, contact)
     elif msg.sender_name and not contact.name:
         contact.name = msg.sender_name[:200]
     return contact
@@ -126,14 +203,8 @@ def gather_facts(
 ) -> Facts:
     if contact is None:
         return Facts(is_reply=thread.enquiry is not None)
-    earlier = session.scalar(
-        select(func.count()).select_from(Enquiry).where(Enquiry.contact_id == contact.id)) or 0
-    acks = session.scalar(
-        select(func.count()).select_from(OutboxItem).where(
-            OutboxItem.recipient == msg.sender,
-            OutboxItem.kind == "ack",
-            OutboxItem.status != "cancelled",
-            OutboxItem.created_at >= now - ack_window)) or 0
+    earlier = _core(session, _EARLIER_ENQUIRIES, contact_id=contact.id).scalar() or 0
+    acks = _core(session, _ACKS_SINCE, recipient=msg.sender, since=now - ack_window).scalar() or 0
     return Facts(
         is_reply=thread.enquiry is not None,
         earlier_enquiries=int(earlier),
@@ -144,22 +215,27 @@ def gather_facts(
 
 
 def is_our_message_id(session: Session, message_id: str) -> bool:
-    return session.scalar(
-        select(OutboxItem.id).where(OutboxItem.message_id == message_id).limit(1)) is not None
+    return _core(session, _OUR_MESSAGE_ID, message_id=message_id).first() is not None
 
 
 def find_inbound(session: Session, msg: InboundMessage) -> Message | None:
-    return session.scalars(select(Message).where(
-        Message.channel == msg.channel.value, Message.direction == "in",
-        Message.external_id == msg.external_id)).first()
+    found = _core(session, _INBOUND, channel=msg.channel.value,
+                  external_id=msg.external_id).scalar()
+    return None if found is None else session.get(Message, found)
 
 
 def _store_attachments(session: Session, message: Message, msg: InboundMessage) -> None:
+    # One query for the blobs we already have: a hostile message can carry ~1000 parts, and
+    # a lookup (plus autoflush) per part took over a second on PostgreSQL.
+    shas = {att.sha256 for att in msg.attachments if att.data}
+    known = set(session.scalars(select(Blob.sha256).where(Blob.sha256.in_(shas)))) \
+        if shas else set()
     for att in msg.attachments:
         sha = None
         if att.data:
             sha = att.sha256
-            if session.get(Blob, sha) is None:
+            if sha not in known:
+                known.add(sha)
                 session.add(Blob(sha256=sha, size=len(att.data), data=att.data))
                 session.flush()
         session.add(Attachment(message_id=message.id, filename=att.filename,
@@ -179,8 +255,7 @@ def add_message(
         html=msg.html, headers=dict(msg.headers), raw=msg.raw or None,
         defects=list(msg.defects), kind=kind, created_at=now,
     )
-    session.add(message)
-    session.flush()
+    _add_now(session, message)
     _store_attachments(session, message, msg)
     return message
 
@@ -188,7 +263,7 @@ def add_message(
 def unique_reference(session: Session) -> str:
     while True:
         ref = new_reference()
-        if session.scalar(select(Enquiry.id).where(Enquiry.reference == ref)) is None:
+        if _core(session, _REFERENCE_TAKEN, reference=ref).first() is None:
             return ref
 
 
@@ -204,9 +279,7 @@ def create_enquiry(
         ruleset_version=decision.ruleset_version, status="open", created_at=now,
         updated_at=now, last_inbound_at=now,
     )
-    session.add(enquiry)
-    session.flush()
-    return enquiry
+    return _add_now(session, enquiry)
 
 
 def enqueue(
@@ -222,26 +295,27 @@ def enqueue(
         message_id=new_message_id(domain), status="pending", due_at=due_at, attempts=0,
         created_at=now,
     )
-    session.add(item)
-    return item
+    return _add_now(session, item)
 
 
 def add_reminders(
     session: Session, enquiry: Enquiry, specs: Sequence[ReminderSpec], now: datetime
 ) -> None:
-    for spec in specs:
-        session.add(Reminder(enquiry_id=enquiry.id, name=spec.name, template=spec.template,
-                             to=spec.to, unless=spec.unless,
-                             due_at=now + parse_duration(spec.after), status="pending",
-                             created_at=now))
+    rows = [{"enquiry_id": enquiry.id, "name": spec.name, "template": spec.template,
+             "to": spec.to, "unless": spec.unless, "due_at": now + parse_duration(spec.after),
+             "status": "pending", "created_at": now} for spec in specs]
+    if rows:  # a Core insert: nobody needs these rows as objects in this transaction
+        session.connection().execute(_INSERT_REMINDER, rows)
 
 
 def record_event(
     session: Session, kind: str, now: datetime, *, enquiry: Enquiry | None = None,
     contact: Contact | None = None, actor: str = "system", **detail: Any,
 ) -> None:
-    session.add(Event(at=now, kind=kind, enquiry_id=enquiry.id if enquiry else None,
-                      contact_id=contact.id if contact else None, actor=actor, detail=detail))
+    # A Core insert (a quarter of an ORM add + flush); the row is written at once.
+    session.connection().execute(_INSERT_EVENT, {
+        "at": now, "kind": kind, "enquiry_id": enquiry.id if enquiry else None,
+        "contact_id": contact.id if contact else None, "actor": actor, "detail": detail})
 
 
 # --- delivery -------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ from handler.app import Service, running
 from handler.clock import FakeClock
 from handler.config import Settings
 
+# Every INFO+ log record of the session is checked for patient data (tests/logscan.py).
+pytest_plugins = ("tests.logscan",)
+
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get("HANDLER_TEST_POSTGRES_URL", "")
 CLINIC = "enquiries@clinic.example"

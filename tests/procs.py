@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import ROOT
+from tests.logscan import save_child_output
 
 
 class ServiceProcess:
@@ -52,6 +53,7 @@ class ServiceProcess:
         await self.proc.wait()
         if self._reader:
             await self._reader
+        save_child_output(f"service-{id(self)}", self.output)  # for the log scan
         self.smtp_port = self.http_port = 0
 
     async def stop(self) -> int:
@@ -61,6 +63,7 @@ class ServiceProcess:
             await asyncio.wait_for(self.proc.wait(), 30)
         if self._reader:
             await self._reader
+        save_child_output(f"service-{id(self)}", self.output)  # for the log scan
         self.smtp_port = self.http_port = 0
         return self.proc.returncode or 0
 
