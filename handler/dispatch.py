@@ -155,9 +155,23 @@ class Dispatcher:
         jobs = await asyncio.to_thread(self._claim, now)
         if not jobs:
             return 0
-        results = await asyncio.gather(*(self._send(job) for job in jobs))
-        await asyncio.to_thread(self._record, results)
+        # Record results as they arrive, committing whatever finished while the previous
+        # commit ran: a crash then re-sends at most the few messages whose relay 250 was not
+        # yet recorded (with the same Message-ID), not the whole batch.
+        finished: asyncio.Queue[Sent] = asyncio.Queue()
+        sends = [asyncio.create_task(self._send_to(job, finished)) for job in jobs]
+        recorded = 0
+        while recorded < len(jobs):
+            batch = [await finished.get()]
+            while not finished.empty():
+                batch.append(finished.get_nowait())
+            await asyncio.to_thread(self._record, batch)
+            recorded += len(batch)
+        await asyncio.gather(*sends)
         return len(jobs)
+
+    async def _send_to(self, job: Job, finished: asyncio.Queue[Sent]) -> None:
+        finished.put_nowait(await self._send(job))
 
     # --- claim (worker thread) ----------------------------------------------------------------
 
