@@ -151,7 +151,9 @@ async def running(
     config = uvicorn.Config(http_app, log_config=None, access_log=False, lifespan="off",
                             timeout_graceful_shutdown=5)
     http_server = _QuietServer(config)
-    http_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, so asyncio sets TCP_NODELAY on accepted connections: without it
+    # every HTTP response waits ~40 ms for the client's delayed ACK (Nagle).
+    http_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     http_socket.bind((settings.http_host, settings.http_port))
     http_socket.listen(2048)  # connections wait in the backlog until uvicorn is up

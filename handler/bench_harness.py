@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
 import signal
 import socket
 import statistics
@@ -19,7 +18,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiosmtplib
 
@@ -91,13 +89,13 @@ class Report:
         return row
 
     def table(self) -> str:
-        head = ("| benchmark | subject | median (min–max) | unit | × baseline | target | "
-                "met |\n|---|---|---:|---|---:|---|---|")
+        head = ("| benchmark | measured | median (min–max) | unit | × baseline | target | "
+                "met | notes |\n|---|---|---:|---|---:|---|---|---|")
         lines = [head]
         for r in self.rows:
             ratio = r.ratio.show(2) if r.ratio else ""
             lines.append(f"| {r.benchmark} | {r.subject} | {r.figure.show(r.digits)} | "
-                         f"{r.unit} | {ratio} | {r.target} | {r.verdict} |")
+                         f"{r.unit} | {ratio} | {r.target} | {r.verdict} | {r.note} |")
         return "\n".join(lines)
 
 
@@ -141,7 +139,7 @@ class Child:
         assert self.proc is not None
         return self.proc.pid
 
-    async def start(self, *, want: Sequence[str] = ("SMTP",), timeout: float = 60.0) -> None:
+    async def start(self, *, want: Sequence[str] = ("SMTP",), wait_s: float = 60.0) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         try:
@@ -151,12 +149,12 @@ class Child:
         finally:
             log.close()
         self._reader = asyncio.create_task(self._read())
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + wait_s
         while not all(w in self.ports for w in want):
             if self.proc.returncode is not None or self._reader.done():
                 raise BenchError(f"{self.argv[0]} exited before listening:\n{self.tail()}")
             if time.monotonic() > deadline:
-                raise BenchError(f"{self.argv[0]} did not start in {timeout:.0f} s\n"
+                raise BenchError(f"{self.argv[0]} did not start in {wait_s:.0f} s\n"
                                  + self.tail())
             await asyncio.sleep(0.02)
 
@@ -171,7 +169,7 @@ class Child:
                 if (found := pattern.search(line)) and not future.done():
                     future.set_result(found)
 
-    async def wait_line(self, pattern: str, timeout: float) -> re.Match[str]:
+    async def wait_line(self, pattern: str, wait_s: float) -> re.Match[str]:
         """The next stdout line matching `pattern` (or one already printed)."""
         compiled = re.compile(pattern)
         for line in self.lines:
@@ -180,9 +178,9 @@ class Child:
         future: asyncio.Future[re.Match[str]] = asyncio.get_running_loop().create_future()
         self._line_waiters.append((compiled, future))
         try:
-            return await asyncio.wait_for(future, timeout)
+            return await asyncio.wait_for(future, wait_s)
         except TimeoutError:
-            raise BenchError(f"{self.argv[0]}: no line matching {pattern!r} in {timeout:.0f} s"
+            raise BenchError(f"{self.argv[0]}: no line matching {pattern!r} in {wait_s:.0f} s"
                              f"\n{self.tail()}") from None
 
     def tail(self, lines: int = 30) -> str:
@@ -214,14 +212,14 @@ class Child:
             return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return 0.0
 
-    async def stop(self, timeout: float = 30.0) -> int:
+    async def stop(self, wait_s: float = 30.0) -> int:
         if self.proc is None:
             return 0
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(self.proc.wait(), timeout)
+                await asyncio.wait_for(self.proc.wait(), wait_s)
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
@@ -281,9 +279,7 @@ async def fresh_database(kind: str, work: Path, admin_url: str) -> AsyncIterator
         try:
             yield Database(kind, f"sqlite:///{path}")
         finally:
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(OSError):
-                    Path(f"{path}{suffix}").unlink()
+            remove_sqlite(path)
         return
     import psycopg
 
@@ -296,6 +292,11 @@ async def fresh_database(kind: str, work: Path, admin_url: str) -> AsyncIterator
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def remove_sqlite(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 def postgres_reachable(admin_url: str) -> bool:
@@ -403,11 +404,3 @@ async def python_source(host: str, port: int, load: Load, *, distinct_senders: b
 
     await asyncio.gather(*(session() for _ in range(load.sessions)))
     return Sent(time.perf_counter() - start, len(replies), replies)
-
-
-def which(program: str) -> str | None:
-    return shutil.which(program) or (program if os.access(program, os.X_OK) else None)
-
-
-def any_field(obj: Any, name: str, default: Any = None) -> Any:
-    return getattr(obj, name, default)

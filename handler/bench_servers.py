@@ -1,7 +1,9 @@
 """The bare baselines `scripts/bench` compares against, each run as its own process:
 `bare-smtp` (aiosmtpd answering 250 and nothing else), `sink` (an aiosmtpd relay sink that
-counts, timestamps and optionally keeps what it receives) and `replay` (a plain aiosmtplib
-loop that sends saved messages over N connections).
+counts, timestamps and optionally keeps what it receives), `replay` (a plain aiosmtplib loop
+sending saved messages over N connections), and on the service's own HTTP stack (uvicorn,
+Starlette) `bare-http` (empty TwiML, nothing else) and `signed-http` (form parsing and
+Twilio's RequestValidator, then empty TwiML).
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from pathlib import Path
 
 import aiosmtplib
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 SIZE_LIMIT = 25 * 1024 * 1024
 
@@ -80,12 +86,13 @@ async def run_server(args: argparse.Namespace) -> None:
     await stop.wait()
     server.close()
     if args.keep:
-        Path(args.keep).write_bytes(pickle.dumps(sink.messages))
+        await asyncio.to_thread(Path(args.keep).write_bytes, pickle.dumps(sink.messages))
 
 
 async def replay(args: argparse.Namespace) -> None:
     """Send saved (recipient, bytes) pairs over `connections` reused aiosmtplib clients."""
-    messages: list[tuple[str, bytes]] = pickle.loads(Path(args.messages).read_bytes())
+    messages: list[tuple[str, bytes]] = pickle.loads(
+        await asyncio.to_thread(Path(args.messages).read_bytes))
     queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
     for item in messages:
         queue.put_nowait(item)
@@ -103,17 +110,63 @@ async def replay(args: argparse.Namespace) -> None:
     print(f"sent {len(messages)} in {time.perf_counter() - start:.6f} s", flush=True)
 
 
+EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
+
+
+def http_app(*, signed: bool, auth_token: str, public_url: str) -> Starlette:
+    from twilio.request_validator import RequestValidator
+
+    validator = RequestValidator(auth_token)
+
+    async def bare(request: Request) -> Response:
+        return Response(EMPTY_TWIML, media_type="text/xml")
+
+    async def checked(request: Request) -> Response:
+        form = await request.form()
+        url = public_url.rstrip("/") + request.url.path
+        if not validator.validate(url, form, request.headers.get("x-twilio-signature", "")):
+            return Response(status_code=403)
+        return Response(EMPTY_TWIML, media_type="text/xml")
+
+    return Starlette(routes=[Route("/sms/twilio", checked if signed else bare,
+                                   methods=["POST"])])
+
+
+async def run_http(args: argparse.Namespace) -> None:
+    """The same uvicorn configuration as the service (no access log, httptools, one loop)."""
+    import socket
+
+    import uvicorn
+
+    app = http_app(signed=args.mode == "signed-http", auth_token=args.auth_token,
+                   public_url=args.public_url)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # NODELAY
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", args.port))
+    sock.listen(2048)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False,
+                                           lifespan="off"))
+    print(f"HTTP listening on http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
+    await server.serve(sockets=[sock])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m handler.bench_servers")
-    parser.add_argument("mode", choices=("bare-smtp", "sink", "replay"))
+    parser.add_argument("mode", choices=("bare-smtp", "sink", "replay", "bare-http",
+                                         "signed-http"))
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--expect", type=int, default=0)
     parser.add_argument("--keep", default="", help="sink: pickle received messages here")
     parser.add_argument("--messages", default="", help="replay: pickled messages to send")
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--sender", default="enquiries@clinic.example")
+    parser.add_argument("--auth-token", default="")
+    parser.add_argument("--public-url", default="")
     args = parser.parse_args(argv)
-    asyncio.run(replay(args) if args.mode == "replay" else run_server(args))
+    if args.mode.endswith("-http"):
+        asyncio.run(run_http(args))
+    else:
+        asyncio.run(replay(args) if args.mode == "replay" else run_server(args))
     return 0
 
 

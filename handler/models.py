@@ -127,7 +127,8 @@ class Message(Base):
     raw: Mapped[bytes | None] = mapped_column(LargeBinary)
     defects: Mapped[list[Any]] = mapped_column(default=list)
     kind: Mapped[str] = mapped_column(String(16), default="enquiry")
-    """"enquiry" | "reply" | "bounce" | "auto-reply" | "opt-out" | "opt-in" | "help"."""
+    """"enquiry" | "reply" | "bounce" | "auto-reply" | "internal" (from our own side) |
+    "opt-out" | "opt-in" | "help"."""
     created_at: Mapped[datetime]
 
     enquiry: Mapped[Enquiry | None] = relationship(back_populates="messages")

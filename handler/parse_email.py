@@ -13,6 +13,7 @@ import io
 import re
 from collections.abc import Sequence
 from email._policybase import Compat32  # stdlib; public instance is email.policy.compat32
+from email.feedparser import BytesFeedParser
 from email.generator import BytesGenerator
 from email.message import Message
 from email.parser import BytesParser
@@ -172,7 +173,7 @@ def _parse_mime(data: bytes, defects: Defects) -> tuple[Message, bool]:
     """Full parse; if the stdlib parser fails (e.g. RecursionError on deep nesting), the
     header block only; if even that fails, an empty message (text comes from the raw)."""
     try:
-        return BytesParser(policy=_POLICY).parsebytes(data), True
+        return _parse_bytes(data), True
     except Exception as exc:
         defects.add(f"parse error: {_describe(exc)}")
     try:
@@ -182,6 +183,17 @@ def _parse_mime(data: bytes, defects: Defects) -> tuple[Message, bool]:
     empty = Message(policy=_POLICY)
     empty.set_payload(data.decode("ascii", "surrogateescape"))
     return empty, False
+
+
+def _parse_bytes(data: bytes) -> Message:
+    """What BytesParser.parsebytes does, in the same 8 KB steps, without first decoding all
+    of `data` into one str that it then copies into a StringIO (4 bytes per character in
+    CPython): for a 25 MB message that was ~125 MB of the parse's peak memory."""
+    parser = BytesFeedParser(policy=_POLICY)
+    view = memoryview(data)
+    for start in range(0, len(data), 8192):
+        parser.feed(bytes(view[start:start + 8192]))
+    return parser.close()
 
 
 def _raw_headers(msg: Message, defects: Defects) -> dict[str, list[str]]:

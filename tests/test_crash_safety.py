@@ -53,6 +53,9 @@ async def test_1000_messages_20_clients_and_kill_9(
     mails = [patient_mail(i) for i in range(MESSAGES)]
     accepted: dict[str, str] = {}  # Message-ID -> the reference in our 250
     attempts = Counter[str]()
+    progress = asyncio.Condition()  # notified on every 250
+    up = asyncio.Event()  # the server is accepting connections
+    up.set()
     started = time.perf_counter()
 
     async def client(batch: list[EmailMessage]) -> None:
@@ -65,13 +68,14 @@ async def test_1000_messages_20_clients_and_kill_9(
                 attempts[message_id] += 1
                 try:
                     if smtp is None:
-                        while not proc.smtp_port:
-                            await asyncio.sleep(0.02)
+                        await up.wait()
                         smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=proc.smtp_port,
                                                timeout=15)
                         await smtp.connect()
                     _errors, response = await smtp.send_message(msg, recipients=[CLINIC])
                     accepted[message_id] = response.rsplit(" ", 1)[-1]
+                    async with progress:
+                        progress.notify_all()
                 except (aiosmtplib.SMTPException, OSError):
                     if smtp is not None:
                         smtp.close()
@@ -83,11 +87,13 @@ async def test_1000_messages_20_clients_and_kill_9(
     async def killer() -> list[int]:
         points = sorted(rng.sample(range(50, MESSAGES - 50), KILLS))
         for point in points:
-            while len(accepted) < point:
-                await asyncio.sleep(0.005)
+            async with progress:
+                await progress.wait_for(lambda p=point: len(accepted) >= p)
             await asyncio.sleep(rng.uniform(0, 0.05))
+            up.clear()
             await proc.kill9()
             await proc.start()
+            up.set()
         return points
 
     clients = asyncio.gather(*(client(mails[i::CLIENTS]) for i in range(CLIENTS)))

@@ -111,14 +111,17 @@ async def test_staff_texts_carry_reference_and_category_only(
         _, response = await client.sendmail(PATIENT, [CLINIC], plain_email(
             words, subject="Breathless after chemo"))
     reference = response.rsplit(" ", 1)[1]
-    sms_dir = service.settings.sms_dir_path
-    files = await eventually(lambda: sorted(sms_dir.glob("*.json")))
+    def texts_sent() -> bool:
+        with make_sessionmaker(service.engine)() as session:
+            rows = session.scalars(select(OutboxItem).where(OutboxItem.channel == "sms")).all()
+            return bool(rows) and all(r.status == "sent" for r in rows)
+
+    await eventually(texts_sent)  # written in full (the file is not read half-written)
+    files = sorted(service.settings.sms_dir_path.glob("*.json"))
     texts = [json.loads(p.read_text(encoding="utf-8")) for p in files]
     assert texts and all(t["to"].startswith("+44") for t in texts)
     with make_sessionmaker(service.engine)() as session:
         enquiry = session.scalars(select(Enquiry).where(Enquiry.reference == reference)).one()
-        assert session.scalars(select(OutboxItem).where(
-            OutboxItem.channel == "sms", OutboxItem.kind == "notify")).all()
     for text in texts:
         body = text["body"]
         assert reference in body and enquiry.priority.upper() in body.upper()
