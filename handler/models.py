@@ -161,7 +161,11 @@ class OutboxItem(Base):
     """One outbound intent. Rendered at send time; the rendered copy is kept once sent."""
 
     __tablename__ = "outbox_item"
-    __table_args__ = (Index("ix_outbox_item_due", "status", "due_at"),)
+    __table_args__ = (
+        Index("ix_outbox_item_due", "status", "due_at"),
+        # intake counts a sender's recent acknowledgements for every inbound message
+        Index("ix_outbox_item_recipient", "recipient", "created_at"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     enquiry_id: Mapped[int | None] = mapped_column(ForeignKey("enquiry.id"), index=True)

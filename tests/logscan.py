@@ -28,6 +28,7 @@ from tests.patient_data import OUR_DOMAINS, OUR_NUMBERS, SENTINELS
 
 CHILD_DIR_ENV = "HANDLER_TEST_LOGSCAN_DIR"
 _EMAIL = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@([\w-]+(?:\.[\w-]+)+)")
+_IP = re.compile(r"[\d.]+")
 _E164 = re.compile(r"(?<![\w+])\+\d{10,15}\b")
 _UK = re.compile(r"(?<![\w.:+-])0\d{2,4}[ -]?\d{3,4}[ -]?\d{3,4}(?![\w.:-])")
 
@@ -36,7 +37,9 @@ def find_patient_data(text: str) -> list[str]:
     """What in `text` looks like patient data (empty when it is clean)."""
     found = [s for s in SENTINELS if s.lower() in text.lower()]
     found += [m.group(0) for m in _EMAIL.finditer(text)
-              if m.group(1).lower() not in OUR_DOMAINS]
+              if m.group(1).lower() not in OUR_DOMAINS
+              and not m.group(0).startswith("//")  # user@host of a URL (database, relay)
+              and not _IP.fullmatch(m.group(1))]
     for pattern in (_E164, _UK):
         for m in pattern.finditer(text):
             digits = "+" + re.sub(r"\D", "", m.group(0))

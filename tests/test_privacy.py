@@ -41,6 +41,7 @@ def test_the_scan_sees_patient_data(line: str) -> None:
     "SMTP   listening on 127.0.0.1:8025 for enquiries@clinic.example",
     "sms keyword stop from h:3f2a9c0d1e", "clinic phone +44 20 7946 0000 / +442079460000",
     "25 November 2026, 10:00 GMT", "version 0.12.345",
+    "store  postgresql://postgres@127.0.0.1:5432/test?options=-csearch_path%3Dt_c52",
 ])
 def test_the_scan_leaves_clean_lines_alone(line: str) -> None:
     assert find_patient_data(line) == []
