@@ -6,7 +6,7 @@ runs); `Decision` is what it concludes, with a `RuleHit` trace of every rule it 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -62,7 +62,18 @@ class Decision:
         return self.teams[0] if self.teams else ""
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON data (what `dataclasses.asdict` gives, without its deep copies: this
+        runs for every inbound message)."""
+        return {
+            "rule": self.rule, "category": self.category, "priority": self.priority,
+            "teams": self.teams, "reply_template": self.reply_template,
+            "notify_template": self.notify_template, "tags": self.tags,
+            "reminders": tuple({"name": r.name, "after": r.after, "template": r.template,
+                                "to": r.to, "unless": r.unless} for r in self.reminders),
+            "trace": tuple({"rule": h.rule, "matched": h.matched, "reasons": h.reasons}
+                           for h in self.trace),
+            "ruleset_version": self.ruleset_version,
+        }
 
 
 @dataclass(frozen=True, slots=True)

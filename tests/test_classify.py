@@ -538,3 +538,18 @@ def test_rules_whose_words_are_absent_are_skipped_without_evaluation() -> None:
     plan = rs.plans["email"]
     assert plan.misses[1] == RuleHit("lung", False, ("text contains none of 'lung'",))
     assert 2 in plan.always  # the catch-all has no words to skip it by
+
+
+def test_decision_json_matches_asdict() -> None:
+    import dataclasses
+
+    from handler.decision import Decision, ReminderSpec, RuleHit
+
+    decision = Decision(
+        rule="breast", category="breast", priority="normal", teams=("breast", "on-call"),
+        reply_template="ack-breast", notify_template=None, tags=("insured",),
+        reminders=(ReminderSpec("team-unanswered", "1d", "reminder-team-unanswered"),),
+        trace=(RuleHit("red-flag", False, ("no red-flag wording",)),
+               RuleHit("breast", True, ("body contains 'her2'",))),
+        ruleset_version="abc")
+    assert decision.to_json() == dataclasses.asdict(decision)
