@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from sqlalchemy.orm import Session
 
 from handler import db
 from handler.clock import SystemClock
 from handler.config import Settings
+from handler.models import Contact
 from handler.privacy import NotFound, find_contacts, purge_expired, remove_local_copies
 from handler.privacy import erase_contacts as erase
 from handler.subject_access import export_contacts
+
+T = TypeVar("T")
 
 
 def add_data_commands(sub: Any) -> None:
@@ -45,20 +51,31 @@ def _now() -> datetime:
     return SystemClock().now()
 
 
-def cmd_data_export(args: argparse.Namespace, settings: Settings) -> int:
-    now = _now()
-    output = args.output or Path(f"subject-access-{now.strftime('%Y%m%d-%H%M%S')}.zip")
+def _on_contacts(
+    settings: Settings, wanted: Sequence[str], work: Callable[[Session, list[Contact]], T]
+) -> T | None:
+    """Run `work` on the contacts named in one write transaction; None (after saying which
+    one) when a name matches nobody."""
     engine = db.make_engine(settings.sqlalchemy_url)
     try:
         with db.make_sessionmaker(engine, write=True)() as session, session.begin():
             try:
-                contacts = find_contacts(session, args.contact)
+                contacts = find_contacts(session, wanted)
             except NotFound as exc:
                 print(str(exc), file=sys.stderr)
-                return 1
-            counts = export_contacts(session, contacts, now, output)
+                return None
+            return work(session, contacts)
     finally:
         engine.dispose()
+
+
+def cmd_data_export(args: argparse.Namespace, settings: Settings) -> int:
+    now = _now()
+    output = args.output or Path(f"subject-access-{now.strftime('%Y%m%d-%H%M%S')}.zip")
+    counts = _on_contacts(settings, args.contact,
+                          lambda session, contacts: export_contacts(session, contacts, now, output))
+    if counts is None:
+        return 1
     print(f"wrote {output}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
     return 0
 
@@ -70,17 +87,10 @@ def cmd_data_erase(args: argparse.Namespace, settings: Settings) -> int:
         if answer.strip() != "ERASE":
             print("nothing erased")
             return 1
-    engine = db.make_engine(settings.sqlalchemy_url)
-    try:
-        with db.make_sessionmaker(engine, write=True)() as session, session.begin():
-            try:
-                contacts = find_contacts(session, args.contact)
-            except NotFound as exc:
-                print(str(exc), file=sys.stderr)
-                return 1
-            result = erase(session, contacts, _now())
-    finally:
-        engine.dispose()
+    result = _on_contacts(settings, args.contact,
+                          lambda session, contacts: erase(session, contacts, _now()))
+    if result is None:
+        return 1
     removed = remove_local_copies(settings, result.local_copies)
     counts = ", ".join(f"{n} {k}" for k, n in result.counts().items() if n) or "nothing"
     print(f"erased: {counts}" + (f"; {removed} local delivery copies removed" if removed else ""))

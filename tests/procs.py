@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+from handler.config import Settings
 from tests.conftest import ROOT
 from tests.logscan import save_child_output
 
@@ -66,6 +67,17 @@ class ServiceProcess:
         save_child_output(f"service-{id(self)}", self.output)  # for the log scan
         self.smtp_port = self.http_port = 0
         return self.proc.returncode or 0
+
+
+async def start_service(
+    settings: Settings, *, relay_port: int, tmp_path: Path
+) -> ServiceProcess:
+    """`handler serve` as a child process on `settings`' database, relaying to relay_port."""
+    env = service_env(database_url=settings.database_url, var_dir=tmp_path / "var",
+                      relay_port=relay_port)
+    proc = ServiceProcess(env, tmp_path)
+    await proc.start()
+    return proc
 
 
 def service_env(*, database_url: str, var_dir: Path, relay_port: int) -> dict[str, str]:

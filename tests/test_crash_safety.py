@@ -22,7 +22,7 @@ from handler.app import Service
 from handler.config import Settings
 from handler.models import Enquiry
 from tests.conftest import CLINIC, Sink
-from tests.procs import ServiceProcess, service_env
+from tests.procs import start_service
 from tests.test_restart import patient_mail, stored_ids
 
 MESSAGES = 1000
@@ -45,10 +45,7 @@ async def test_1000_messages_20_clients_and_kill_9(
     make_settings: Callable[..., Settings], sink: Sink, tmp_path: Path
 ) -> None:
     settings = make_settings()
-    env = service_env(database_url=settings.database_url, var_dir=tmp_path / "var",
-                      relay_port=sink.port)
-    proc = ServiceProcess(env, tmp_path)
-    await proc.start()
+    proc = await start_service(settings, relay_port=sink.port, tmp_path=tmp_path)
     rng = random.Random(20240506)
     mails = [patient_mail(i) for i in range(MESSAGES)]
     accepted: dict[str, str] = {}  # Message-ID -> the reference in our 250

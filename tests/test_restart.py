@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, func, select
 from handler.config import Settings
 from handler.models import Message
 from tests.conftest import CLINIC, Sink
-from tests.procs import ServiceProcess, service_env
+from tests.procs import start_service
 
 
 def patient_mail(i: int) -> EmailMessage:
@@ -53,10 +53,7 @@ async def test_kill_9_loses_nothing_and_acknowledges_once(
     make_settings: Callable[..., Settings], sink: Sink, tmp_path: Path
 ) -> None:
     settings = make_settings()
-    env = service_env(database_url=settings.database_url, var_dir=tmp_path / "var",
-                      relay_port=sink.port)
-    proc = ServiceProcess(env, tmp_path)
-    await proc.start()
+    proc = await start_service(settings, relay_port=sink.port, tmp_path=tmp_path)
     mails = [patient_mail(i) for i in range(60)]
     accepted: set[str] = set()
     rng = random.Random(7)
@@ -100,10 +97,7 @@ async def test_graceful_restart_sends_nothing_twice(
     make_settings: Callable[..., Settings], sink: Sink, tmp_path: Path
 ) -> None:
     settings = make_settings()
-    env = service_env(database_url=settings.database_url, var_dir=tmp_path / "var",
-                      relay_port=sink.port)
-    proc = ServiceProcess(env, tmp_path)
-    await proc.start()
+    proc = await start_service(settings, relay_port=sink.port, tmp_path=tmp_path)
     for i in range(5):
         assert await try_send(proc.smtp_port, patient_mail(i))
     await sink.wait_for(10)
