@@ -125,8 +125,10 @@ def test_read_report_never_raises() -> None:
 
 # --- through the real listener ----------------------------------------------------------------
 
-def db(service: Service) -> Session:
-    return make_sessionmaker(service.engine)()
+def db(service: Service, *, write: bool = False) -> Session:
+    """A session on the service's database; `write=True` takes SQLite's write lock up front
+    (a read transaction that later writes fails at once if the service wrote in between)."""
+    return make_sessionmaker(service.engine, write=write)()
 
 
 async def send_raw(service: Service, raw: bytes, envelope_from: str) -> str:
@@ -186,7 +188,7 @@ async def test_mail_to_a_suppressed_address_is_cancelled_until_they_write_in(
     service: Service, sink: Sink, clock: FakeClock
 ) -> None:
     _, sent, _ = await enquire(service, sink)
-    with db(service) as session, session.begin():  # something queued for later
+    with db(service, write=True) as session, session.begin():  # something queued for later
         enquiry = session.scalars(select(Enquiry)).one()
         later = enqueue(session, kind="reminder", channel="email", recipient=PATIENT,
                         template="reminder-patient-documents", due_at=clock.now()
@@ -200,7 +202,7 @@ async def test_mail_to_a_suppressed_address_is_cancelled_until_they_write_in(
             "cancelled", "address suppressed after a hard bounce")
 
     # queued after the bounce (e.g. by another instance): the dispatcher drops it at claim
-    with db(service) as session, session.begin():
+    with db(service, write=True) as session, session.begin():
         enquiry = session.scalars(select(Enquiry)).one()
         late_id = enqueue(session, kind="reminder", channel="email", recipient=PATIENT,
                           template="reminder-patient-documents", due_at=clock.now(),
