@@ -13,19 +13,21 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 import watchfiles
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
 from handler import db
 from handler.bounces import Bounces
 from handler.clock import Clock, SystemClock
 from handler.config import Settings
-from handler.dispatch import Dispatcher
+from handler.dispatch import Dispatcher, Renderer
 from handler.http import make_http_app
 from handler.live import LiveRules
 from handler.loops import OwnMail
@@ -39,6 +41,7 @@ from handler.sms_webhook import startup_warnings as sms_warnings
 from handler.smtp_in import IntakeHandler, start_smtp_server
 from handler.smtp_out import RelayTransport
 from handler.transports import EmailTransport, FileSmsTransport, MaildirTransport, SmsTransport
+from handler.worker import WorkerProcess
 
 log = logging.getLogger("handler.app")
 
@@ -52,19 +55,50 @@ class _QuietServer(uvicorn.Server):
 
 
 @dataclass
+class Delivery:
+    """What sends: the dispatcher, its ticker (and the nightly retention job), transports."""
+
+    rules: LiveRules
+    dispatcher: Dispatcher
+    ticker: Ticker
+    email: EmailTransport
+    sms: SmsTransport
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+
+@dataclass
 class Service:
     settings: Settings
     engine: Engine
     rules: LiveRules
     intake: Intake
-    dispatcher: Dispatcher
-    ticker: Ticker
-    email: EmailTransport
-    sms: SmsTransport
+    delivery: Delivery | None
+    """In this process (`delivery_worker = false`); otherwise None and `worker` is set."""
+    worker: WorkerProcess | None
     smtp_server: asyncio.Server
     http_server: uvicorn.Server
     http_socket: socket.socket
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        assert self.delivery is not None, "delivery runs in the worker process"
+        return self.delivery.dispatcher
+
+    @property
+    def ticker(self) -> Ticker:
+        assert self.delivery is not None, "delivery runs in the worker process"
+        return self.delivery.ticker
+
+    @property
+    def email(self) -> EmailTransport:
+        assert self.delivery is not None, "delivery runs in the worker process"
+        return self.delivery.email
+
+    @property
+    def sms(self) -> SmsTransport:
+        assert self.delivery is not None, "delivery runs in the worker process"
+        return self.delivery.sms
 
     @property
     def smtp_port(self) -> int:
@@ -81,8 +115,10 @@ class Service:
             f"{', '.join(s.mailboxes)}",
             f"HTTP   listening on http://{s.http_host}:{self.http_port} (GET /healthz)",
             f"store  {_redact_url(s.database_url)}",
-            f"email  goes to {self.email.description}",
-            f"sms    goes to {self.sms.description}",
+            f"email  goes to {describe_email(s)}",
+            f"sms    goes to {describe_sms(s)}",
+            "send   " + (f"from the delivery worker (pid {self.worker.pid})" if self.worker
+                         else "from this process (delivery_worker = false)"),
             describe_sms_webhook(s),
             f"rules  {len(self.rules.ruleset.rules)} rules from {s.rules_dir} "
             f"(version {self.rules.status.version[:12]})",
@@ -105,6 +141,19 @@ def build_email_transport(settings: Settings) -> EmailTransport:
     return MaildirTransport(settings.maildir_path)
 
 
+def describe_email(settings: Settings) -> str:
+    if settings.relay_host:
+        return f"SMTP relay {settings.relay_host}:{settings.relay_port}" + (
+            " (STARTTLS)" if settings.relay_starttls else "")
+    return f"local Maildir {settings.maildir_path}"
+
+
+def describe_sms(settings: Settings) -> str:
+    if settings.twilio_account_sid and settings.twilio_auth_token:
+        return "Twilio" + (f" at {settings.twilio_api_url}" if settings.twilio_api_url else "")
+    return f"local folder {settings.sms_dir_path}"
+
+
 def build_sms_transport(settings: Settings) -> SmsTransport:
     if settings.twilio_account_sid and settings.twilio_auth_token:
         from handler.sms_out import TwilioTransport
@@ -115,12 +164,61 @@ def build_sms_transport(settings: Settings) -> SmsTransport:
     return FileSmsTransport(settings.sms_dir_path)
 
 
+def build_delivery(
+    settings: Settings, *, sessions: sessionmaker[Session], rules: LiveRules, clock: Clock,
+    email: EmailTransport, sms: SmsTransport, renderer: Renderer | None = None,
+) -> Delivery:
+    dispatcher = Dispatcher(sessions=sessions, templates=renderer or rules,
+                            ruleset=rules.current, email=email, sms=sms, clock=clock,
+                            settings=settings)
+    ticker = Ticker(dispatcher.run_until_idle, interval=settings.dispatch_poll_seconds,
+                    on_wake=dispatcher.wake)
+    if settings.retention_days > 0:
+        ticker.add_cron(RetentionJob(sessions=sessions, clock=clock, settings=settings),
+                        "retention-purge", hour=3, minute=30, timezone=settings.timezone)
+    return Delivery(rules=rules, dispatcher=dispatcher, ticker=ticker, email=email, sms=sms)
+
+
+async def stop_delivery(delivery: Delivery) -> None:
+    await delivery.ticker.stop()  # rows in flight that do not finish keep their lease
+    await delivery.email.close()
+    await delivery.sms.close()
+
+
+@contextlib.asynccontextmanager
+async def delivering(
+    settings: Settings, *, clock: Clock,
+    renderer: Callable[[LiveRules], Renderer] | None = None,
+) -> AsyncIterator[Delivery]:
+    """Delivery on its own (the worker process): its own engine, rules and transports."""
+    engine = db.make_engine(settings.sqlalchemy_url)
+    rules = LiveRules(rules_dir=settings.rules_dir, templates_dir=settings.templates_dir,
+                      max_sms_segments=settings.sms_max_segments, now=clock.now())
+    delivery = build_delivery(
+        settings, sessions=db.make_sessionmaker(engine, write=True), rules=rules, clock=clock,
+        email=build_email_transport(settings), sms=build_sms_transport(settings),
+        renderer=renderer(rules) if renderer else None)
+    delivery.ticker.start()
+    watcher = asyncio.create_task(
+        watch_and_reload(rules, [settings.rules_dir, settings.templates_dir], clock))
+    try:
+        yield delivery
+    finally:
+        watcher.cancel()
+        await stop_delivery(delivery)
+        engine.dispose()
+
+
 @contextlib.asynccontextmanager
 async def running(
     settings: Settings, *, clock: Clock | None = None, email: EmailTransport | None = None,
     sms: SmsTransport | None = None, upgrade: bool = True,
 ) -> AsyncIterator[Service]:
-    """Start the whole service; stop it gracefully when the block exits."""
+    """Start the whole service; stop it gracefully when the block exits.
+
+    With `delivery_worker` (the default) sending happens in a child process (handler.worker)
+    woken through a pipe; otherwise here, on this event loop (what most tests use, with a
+    fake clock and their own transports)."""
     clock = clock or SystemClock()
     if upgrade:
         await asyncio.to_thread(db.upgrade, settings)
@@ -128,26 +226,31 @@ async def running(
     sessions = db.make_sessionmaker(engine, write=True)
     rules = LiveRules(rules_dir=settings.rules_dir, templates_dir=settings.templates_dir,
                       max_sms_segments=settings.sms_max_segments, now=clock.now())
-    email = email or build_email_transport(settings)
-    sms = sms or build_sms_transport(settings)
-    dispatcher = Dispatcher(sessions=sessions, templates=rules, ruleset=rules.current,
-                            email=email, sms=sms, clock=clock, settings=settings)
-    ticker = Ticker(dispatcher.run_until_idle, interval=settings.dispatch_poll_seconds,
-                    on_wake=dispatcher.wake)
+    delivery: Delivery | None = None
+    worker: WorkerProcess | None = None
+    if settings.delivery_worker:
+        if email is not None or sms is not None:
+            raise ValueError("transports are given to the delivery worker by settings only")
+        worker = WorkerProcess(settings)
+        await worker.start()
+        on_queued: Callable[[], None] = worker.wake
+    else:
+        delivery = build_delivery(settings, sessions=sessions, rules=rules, clock=clock,
+                                  email=email or build_email_transport(settings),
+                                  sms=sms or build_sms_transport(settings))
+        on_queued = delivery.ticker.wake
     intake = Intake(sessions=sessions, ruleset=rules.current, clock=clock, settings=settings,
-                    on_queued=ticker.wake)
+                    on_queued=on_queued)
     intake.interceptors.append(SmsKeywords(settings=settings))  # STOP / START / HELP
     intake.interceptors += [Bounces.from_settings(settings),  # DSNs never open enquiries
                             OwnMail(ruleset=rules.current,  # nor does mail from our side
                                     mailboxes=(*settings.mailboxes, settings.clinic_address))]
-    if settings.retention_days > 0:
-        ticker.add_cron(RetentionJob(sessions=sessions, clock=clock, settings=settings),
-                        "retention-purge", hour=3, minute=30, timezone=settings.timezone)
     await intake.start()
     sms_webhook = SmsWebhook(settings=settings, intake=intake, sessions=sessions, clock=clock)
 
     http_app = make_http_app(rules=rules, db_ping=lambda: db.ping(engine),
-                             extra_routes=sms_webhook.routes())
+                             extra_routes=sms_webhook.routes(),
+                             extra_health=worker.health if worker else dict)
     config = uvicorn.Config(http_app, log_config=None, access_log=False, lifespan="off",
                             timeout_graceful_shutdown=5)
     http_server = _QuietServer(config)
@@ -161,12 +264,14 @@ async def running(
                             max_recipients=settings.smtp_max_recipients)
     smtp_server = await start_smtp_server(settings, handler)
     service = Service(settings=settings, engine=engine, rules=rules, intake=intake,
-                      dispatcher=dispatcher, ticker=ticker, email=email, sms=sms,
-                      smtp_server=smtp_server, http_server=http_server, http_socket=http_socket)
+                      delivery=delivery, worker=worker, smtp_server=smtp_server,
+                      http_server=http_server, http_socket=http_socket)
     service.tasks.append(asyncio.create_task(http_server.serve(sockets=[http_socket])))
-    ticker.start()
-    watcher = asyncio.create_task(
-        watch_and_reload(rules, [settings.rules_dir, settings.templates_dir], clock))
+    if delivery is not None:
+        delivery.ticker.start()
+    watcher = asyncio.create_task(watch_and_reload(
+        rules, [settings.rules_dir, settings.templates_dir], clock,
+        on_reload=worker.reload if worker else None))
     await asyncio.sleep(0)  # let the watcher register before anyone edits a file
     try:
         yield service
@@ -178,19 +283,25 @@ async def running(
         for task in service.tasks:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 10)
-        ticker.shutdown()            # 3. stop sending (rows in flight keep their lease)
-        await email.close()
-        await sms.close()
+        if delivery is not None:     # 3. stop sending
+            await stop_delivery(delivery)
+        if worker is not None:
+            await worker.stop()
         http_socket.close()
         engine.dispose()
 
 
-async def watch_and_reload(rules: LiveRules, paths: list[Path], clock: Clock) -> None:
-    """Reload rules and templates when a file under `paths` changes (well within 2 s)."""
+async def watch_and_reload(
+    rules: LiveRules, paths: list[Path], clock: Clock,
+    on_reload: Callable[[], None] | None = None,
+) -> None:
+    """Reload rules and templates when a file under `paths` changes (well within 2 s);
+    `on_reload` is told after each successful reload (the worker reloads too)."""
     try:
         async for _changes in watchfiles.awatch(*paths, debounce=200, step=50,
                                                  recursive=True):
-            await asyncio.to_thread(rules.reload, clock.now())
+            if await asyncio.to_thread(rules.reload, clock.now()) and on_reload:
+                on_reload()
     except asyncio.CancelledError:
         raise
     except Exception:  # e.g. the folder vanished: SIGHUP still works
@@ -205,8 +316,13 @@ async def serve(settings: Settings) -> None:
     async with running(settings) as service:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: reloads.add(asyncio.create_task(
-            asyncio.to_thread(service.rules.reload, SystemClock().now()))))
+        def reload() -> None:
+            reloads.add(asyncio.create_task(
+                asyncio.to_thread(service.rules.reload, SystemClock().now())))
+            if service.worker is not None:
+                service.worker.reload()
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
         for line in service.describe():
             print(line, flush=True)
         if warnings := sms_warnings(settings):

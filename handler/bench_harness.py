@@ -207,10 +207,22 @@ class Child:
             Path(f"/proc/{self.pid}/clear_refs").write_text("5")
 
     def cpu_seconds(self) -> float:
+        return _cpu_seconds(self.pid)
+
+    def worker_cpu_seconds(self) -> float:
+        """CPU of the process's live children (the delivery worker)."""
+        children: set[int] = set()
         with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return 0.0
+            for task in Path(f"/proc/{self.pid}/task").iterdir():
+                children.update(int(p) for p in (task / "children").read_text().split())
+        return sum(_cpu_seconds(pid) for pid in children)
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
 
     async def stop(self, wait_s: float = 30.0) -> int:
         if self.proc is None:

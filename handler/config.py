@@ -69,6 +69,7 @@ class Settings:
     ack_limit_per_day: int = 1
     ack_window_hours: int = 24
     dispatch_poll_seconds: float = 5.0
+    delivery_worker: bool = True  # send from a child process (a second core); false = inline
     outbox_lease_seconds: int = 300
     max_attempts: int = 8
     retention_days: int = 0  # 0 = keep closed enquiries forever
@@ -95,7 +96,8 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-def _convert(name: str, raw: Any, type_: Any) -> Any:
+def convert_setting(name: str, raw: Any, type_: Any) -> Any:
+    """A setting's value from TOML, the environment or JSON, as its field's type."""
     text = str(raw).strip() if not isinstance(raw, list | tuple) else raw
     try:
         if type_ is bool:
@@ -138,7 +140,7 @@ def load_settings(
         for key, raw in data.items():
             if key not in known:
                 raise ConfigError(f"{path}: unknown setting {key!r}")
-            values[key] = _convert(key, raw, hints[key])
+            values[key] = convert_setting(key, raw, hints[key])
     elif config_file is not None:
         raise ConfigError(f"{path}: no such file")
 
@@ -150,5 +152,5 @@ def load_settings(
             continue  # HANDLER_TEST_* belong to the test suite
         if name not in known:
             raise ConfigError(f"unknown environment variable {key}")
-        values[name] = _convert(key, raw, hints[name])
+        values[name] = convert_setting(key, raw, hints[name])
     return Settings(**values)

@@ -6,6 +6,8 @@ transactions in worker threads so the event loop never waits on the disk.
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from handler.config import Settings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+_LOCK_FD = "handler_write_lock_fd"
+_LOCK_HELD = "handler_write_lock_held"
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
@@ -27,7 +31,8 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         # hide_parameters: a database error must not put patient data in the logs
         engine = create_engine(url, echo=echo, connect_args={"timeout": 30},
                                hide_parameters=True)
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, lock_path=f"{path}.write-lock" if path and path != ":memory:"
+                          else "")
         return engine
     engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=10,
                            hide_parameters=True)
@@ -42,15 +47,51 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     return engine
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, *, lock_path: str) -> None:
     """Durable SQLite: WAL + synchronous=FULL, real BEGIN IMMEDIATE transactions, savepoints.
 
     pysqlite's own transaction handling defers BEGIN and breaks SAVEPOINT, so we switch it off
     and emit BEGIN ourselves (the recipe in SQLAlchemy's SQLite dialect documentation).
+
+    Writers queue for an flock on `lock_path` (one open file per connection) before BEGIN
+    IMMEDIATE, and let go after COMMIT or ROLLBACK. SQLite's own busy handler polls with
+    sleeps of 1, 2, 5, 10... ms, so writers contending through it (the intake writer, the
+    dispatcher, the delivery worker's process) left the database idle between transactions;
+    the kernel hands a released flock to the next waiter at once. SQLite's locking still
+    guards correctness against programs that do not take the flock.
     """
+    dialect = engine.dialect
+    plain_commit, plain_rollback = dialect.do_commit, dialect.do_rollback
+
+    def _release(dbapi_conn: Any) -> None:
+        try:
+            info = dbapi_conn.info
+        except (AttributeError, NotImplementedError):  # the dialect's first-connect probe
+            return
+        fd = info.get(_LOCK_FD)
+        if fd is not None and info.pop(_LOCK_HELD, False):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def do_commit(dbapi_conn: Any) -> None:
+        try:
+            plain_commit(dbapi_conn)
+        finally:
+            _release(dbapi_conn)
+
+    def do_rollback(dbapi_conn: Any) -> None:
+        try:
+            plain_rollback(dbapi_conn)
+        finally:
+            _release(dbapi_conn)
+
+    if lock_path:
+        dialect.do_commit = do_commit  # type: ignore[method-assign]
+        dialect.do_rollback = do_rollback  # type: ignore[method-assign]
 
     @event.listens_for(engine, "connect")
-    def _connect(dbapi_conn: Any, _record: Any) -> None:
+    def _connect(dbapi_conn: Any, record: Any) -> None:
+        if lock_path:
+            record.info[_LOCK_FD] = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
@@ -64,7 +105,24 @@ def _configure_sqlite(engine: Engine) -> None:
         # Writers take the write lock up front (a deferred transaction that reads and then
         # writes fails at once when another writer got in between); readers don't block.
         immediate = conn.get_execution_options().get("write", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        if not immediate:
+            conn.exec_driver_sql("BEGIN")
+            return
+        info = conn.connection.info
+        if info.get(_LOCK_FD) is not None and not info.get(_LOCK_HELD):
+            fcntl.flock(info[_LOCK_FD], fcntl.LOCK_EX)
+            info[_LOCK_HELD] = True
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            _release(conn.connection)
+            raise
+
+    @event.listens_for(engine, "close")
+    def _close(dbapi_conn: Any, record: Any) -> None:
+        fd = record.info.pop(_LOCK_FD, None)
+        if fd is not None:
+            os.close(fd)  # closing the file also lets go of its lock
 
 
 def make_sessionmaker(engine: Engine, *, write: bool = False) -> sessionmaker[Session]:

@@ -48,11 +48,22 @@ def configure_logging(level: str = "INFO") -> None:
     quiet_libraries()
 
 
+class _BusyTickFilter(logging.Filter):
+    """The dispatch tick is a safety net: while a long pass runs, APScheduler skipping the
+    next tick is expected, not a warning worth an operator's attention."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in record.getMessage()
+
+
 def quiet_libraries() -> None:
     """Libraries that would log patient data (or noise) at INFO are held at WARNING.
     The test suite applies this too, and then checks every INFO+ record for patient data."""
     # aiosmtpd logs every command line and envelope address at INFO, DATA lines at DEBUG.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    scheduler = logging.getLogger("apscheduler.scheduler")
+    if not any(isinstance(f, _BusyTickFilter) for f in scheduler.filters):
+        scheduler.addFilter(_BusyTickFilter())
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     logging.getLogger("twilio.http_client").setLevel(logging.WARNING)

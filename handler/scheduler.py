@@ -6,6 +6,8 @@ interval job is only a safety net (retries, reminders falling due, a missed wake
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -26,6 +28,8 @@ class Ticker:
         self._interval = interval
         self._on_wake = on_wake
         self._running = False
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.scheduler = AsyncIOScheduler(timezone=UTC)
 
     def start(self) -> None:
@@ -47,13 +51,24 @@ class Ticker:
 
     async def _tick(self) -> None:
         self._running = True
+        self._idle.clear()
         try:
             await self._work()
         except Exception:
             log.exception("dispatch pass failed; the next tick retries")
         finally:
             self._running = False
+            self._idle.set()
 
     def shutdown(self) -> None:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Start nothing new; give a pass in progress `grace` seconds to finish its sends
+        (rows it has not finished keep their lease and are sent again after it runs out)."""
+        if self.scheduler.running:
+            self.scheduler.pause()  # (shutting down would cancel the pass in progress)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace)
+        self.shutdown()

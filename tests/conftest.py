@@ -60,6 +60,7 @@ def make_settings(tmp_path: Path, database_url: str) -> Callable[..., Settings]:
             "templates_dir": ROOT / "templates", "var_dir": tmp_path / "var",
             "smtp_port": 0, "http_port": 0, "mailboxes": (CLINIC,),
             "clinic_address": CLINIC, "dispatch_poll_seconds": 0.5,
+            "delivery_worker": False,  # sent on this event loop, with the test's clock
         }
         values.update(overrides)
         return Settings(**values)
