@@ -218,12 +218,6 @@ class Child:
         return sum(_cpu_seconds(pid) for pid in children)
 
 
-def _cpu_seconds(pid: int | None) -> float:
-    with contextlib.suppress(OSError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return 0.0
-
     async def stop(self, wait_s: float = 30.0) -> int:
         if self.proc is None:
             return 0
@@ -240,6 +234,13 @@ def _cpu_seconds(pid: int | None) -> float:
                 await asyncio.wait_for(self._reader, 5)
         return self.proc.returncode or 0
 
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
 
 @contextlib.asynccontextmanager
 async def child(argv: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None,
