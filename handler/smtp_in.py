@@ -16,9 +16,10 @@ import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
 from handler.config import Settings
 from handler.inbound import InboundMessage
@@ -54,6 +55,38 @@ COMMANDS_PER_SESSION = 100
 
 _ROUTING_TRICKS = re.compile(r"[%!]|^@|:")
 _SOURCE_ROUTE = re.compile(r"\s*TO:\s*<\s*@", re.IGNORECASE)
+_END_OF_DATA = b"\r\n.\r\n"
+_DOT_STUFFED = re.compile(rb"\r\n\.")  # searching with re is ~2x `in` on CRLF-dense bytes
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_BARE_LF = re.compile(rb"\n(?<!\r\n)")
+_BOUNDARY_LINE = re.compile(rb"\n--")
+
+
+def _held_end(buf: bytearray) -> int:
+    """How many octets at the end of `buf` could begin an end-of-data marker (0-4)."""
+    return next((n for n in (4, 3, 2, 1) if buf.endswith(_END_OF_DATA[:n])), 0)
+
+
+def _check_lines(buf: bytearray, start: int, end: int, longest: int) -> tuple[int, int]:
+    """(where the first line in buf[start:end] not yet known to fit in `longest` octets with
+    its CRLF starts; that line's end if it is 1 or 2 octets too long, -1 if longer, else 0).
+
+    The two cases differ because aiosmtpd reads a line of up to `longest` + 2 octets whole and
+    counts it against the size limit before its length, but refuses a longer one at once.
+    Each step jumps to the last CRLF within reach: ~`longest` octets a step, not one line.
+    """
+    while start < end:
+        reach = start + longest
+        crlf = buf.rfind(b"\r\n", start, min(reach, end))
+        if crlf >= 0:
+            start = crlf + 2
+        elif reach > end:
+            return start, 0
+        elif (crlf := buf.find(b"\r\n", reach - 1, min(reach + 2, end))) >= 0:
+            return start, crlf + 2
+        else:
+            return start, -1 if reach + 2 <= end else 0
+    return start, 0
 
 
 def normalise_line_endings(raw: bytes) -> tuple[bytes, bool]:
@@ -63,8 +96,7 @@ def normalise_line_endings(raw: bytes) -> tuple[bytes, bool]:
     bare CR or LF inside the content is a defect we store, normalised, rather than bounce a
     patient's mail over (Postfix's `smtpd_forbid_bare_newline = normalize`).
     """
-    crlf = raw.count(b"\r\n")
-    if raw.count(b"\r") == crlf and raw.count(b"\n") == crlf:
+    if not (_BARE_CR.search(raw) or _BARE_LF.search(raw)):  # 2x faster than counting them
         return raw, False
     return re.sub(rb"\r\n|\r|\n", b"\r\n", raw), True
 
@@ -136,7 +168,8 @@ class IntakeHandler:
         options: dict[str, Any] = {
             "envelope_from": envelope.mail_from or "", "envelope_rcpts": envelope.rcpt_tos,
             "mailboxes": sorted(self._mailboxes)}
-        if len(raw) > PARSE_IN_THREAD_BYTES or raw.count(b"\n--") > PARSE_IN_THREAD_BOUNDARIES:
+        if len(raw) > PARSE_IN_THREAD_BYTES or next(islice(  # stops at the first one too many
+                _BOUNDARY_LINE.finditer(raw), PARSE_IN_THREAD_BOUNDARIES, None), None):
             async with self._big_parses:
                 msg = await asyncio.to_thread(parse_email, raw, **options)
         else:
@@ -182,11 +215,9 @@ class LimitedSMTP(SMTP):
         super().__init__(handler, **kwargs)
         self._counts = counts
         self._client: str | None = None  # set while this connection is counted
-        too_big = S552_TOO_BIG.format(limit=self.data_size_limit)
+        self._too_big = S552_TOO_BIG.format(limit=self.data_size_limit)
         self._replies = {  # aiosmtpd's wording -> ours
-            "552 Error: Too much mail data": too_big,
-            "552 Error: message size exceeds fixed maximum message size": too_big,
-            "500 Line too long (see RFC5321 4.5.3.1.6)": S500_LINE_TOO_LONG,
+            "552 Error: message size exceeds fixed maximum message size": self._too_big,
         }
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -224,6 +255,92 @@ class LimitedSMTP(SMTP):
             await self.push(S550_NOT_RELAY)
             return
         await super().smtp_RCPT(arg)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
+        """aiosmtpd's DATA with the content read in blocks: its line-by-line loop costs ~2 ms
+        of CPU for 100 KB (this ~0.2 ms), more than the rest of the session. Same answers,
+        limits and hooks."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            original_content, refusal = await self._read_data()
+        except asyncio.CancelledError:
+            log.info("connection lost during DATA")
+            self._writer.close()
+            raise
+        if refusal:
+            await self.push(refusal)
+            self._set_post_data_state()
+            return
+        content: str | bytes = original_content
+        if self._decode_data:
+            if self.enable_SMTPUTF8:
+                content = original_content.decode("utf-8", errors="surrogateescape")
+            else:
+                try:
+                    content = original_content.decode("ascii", errors="strict")
+                except UnicodeDecodeError:
+                    await self.push("500 Error: strict ASCII mode")
+                    return
+        self.envelope.content = content
+        self.envelope.original_content = original_content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_data(self) -> tuple[bytes, str]:
+        """(the content up to CRLF.CRLF, dot-unstuffed, ""), or (b"", the refusal) when a line or
+        the whole is over its limit: then the rest is read and dropped as it comes.
+
+        As aiosmtpd: the size counts the content as sent (stuffing dots too); the refusal is the
+        limit crossed first in the stream; the idle timer keeps running (restarted by commands).
+        """
+        limit = self.data_size_limit or 0
+        over = limit + 2  # index in `buf` of the first octet past the size limit
+        buf = bytearray(b"\r\n")  # as if after a CRLF: ".\r\n" as the first line ends DATA
+        checked, refusal = 2, ""  # the lines before `checked` fit the line length limit
+        while True:
+            # Never read past the marker: commands pipelined behind it stay in the reader.
+            held = _held_end(buf)
+            if held:  # the marker may continue what we hold: read just its remainder
+                block = await self._reader.readexactly(len(_END_OF_DATA) - held)
+            else:  # any marker lies wholly ahead; the reader searches its buffer for it
+                try:
+                    block = await self._reader.readuntil(_END_OF_DATA)
+                except asyncio.LimitOverrunError as exc:
+                    # Past its limit (line_length_limit) the reader hands over what it holds:
+                    # all but the last 4 octets (they may start a marker) or all before one.
+                    block = await self._reader.read(exc.consumed)
+            buf += block
+            ended = buf.endswith(_END_OF_DATA)
+            if not refusal:
+                content_end = len(buf) - 3 if ended else len(buf)  # without the ".\r\n"
+                checked, long_end = _check_lines(
+                    buf, checked, content_end, self.line_length_limit)
+                if limit and max(checked, long_end) > over:  # a whole line ends past the limit
+                    refusal = self._too_big
+                elif long_end:
+                    refusal = S500_LINE_TOO_LONG
+            if ended:
+                break
+            if refusal:
+                buf = buf[-4:]  # only what may start the marker
+        if refusal:
+            return b"", refusal
+        del buf[-3:]  # the ".\r\n" of the marker
+        if _DOT_STUFFED.search(buf):
+            buf = buf.replace(b"\r\n.", b"\r\n")
+        del buf[:2]
+        return bytes(buf), ""
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
