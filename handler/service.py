@@ -26,7 +26,7 @@ from handler.clock import Clock
 from handler.config import Settings
 from handler.decision import Decision
 from handler.inbound import Channel, InboundMessage
-from handler.models import Contact, Enquiry, Message, Reminder
+from handler.models import Contact, Enquiry, Message
 from handler.rules import RuleSet
 
 log = logging.getLogger("handler.intake")
@@ -74,6 +74,7 @@ class Intake:
         self._queue: asyncio.Queue[_Pending | None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._domain = settings.clinic_address.rpartition("@")[2] or "enquiry-handler.invalid"
+        self._ack_window = timedelta(hours=settings.ack_window_hours)
 
     # --- the group-commit writer ------------------------------------------------------------
 
@@ -140,7 +141,24 @@ class Intake:
                 self._on_queued()
 
     def _write_batch(self, msgs: list[InboundMessage]) -> list[AcceptOutcome | Exception]:
+        """Optimistically the whole group in one transaction; when any message fails, again
+        with a savepoint per message, so that one bad message cannot fail the others."""
         now = self._clock.now()
+        try:
+            with self._sessions() as session, session.begin():
+                deferred = store.defer_writes(session)
+                results: list[AcceptOutcome | Exception] = [
+                    self.record(session, msg, now) for msg in msgs]
+                deferred.write(session)
+            return results
+        except Exception as exc:
+            log.info("intake: redoing %d message(s) one by one after %s", len(msgs),
+                     type(exc).__name__)
+        return self._write_each(msgs, now)
+
+    def _write_each(
+        self, msgs: list[InboundMessage], now: datetime
+    ) -> list[AcceptOutcome | Exception]:
         results: list[AcceptOutcome | Exception] = []
         with self._sessions() as session, session.begin():
             for msg in msgs:
@@ -164,28 +182,34 @@ class Intake:
     # --- recording one message (inside the caller's transaction) ----------------------------
 
     def record(self, session: Session, msg: InboundMessage, now: datetime) -> AcceptOutcome:
-        existing = store.find_inbound(session, msg)
-        if existing is not None:
-            return _duplicate(existing)
-        for intercept in self.interceptors:
+        settings = self._settings
+        known = store.look_up(session, msg, since=now - self._ack_window)
+        if known.stored_id is not None:
+            return _duplicate(session.get_one(Message, known.stored_id))
+        for intercept in self.interceptors:  # those that let a message through write nothing
             outcome = intercept(session, msg, now)
             if outcome is not None:
                 return outcome
 
-        settings = self._settings
-        contact = store.find_contact(session, msg)
+        contact: Contact | store.Created | None = None
+        if known.contact_id is not None:
+            contact = store.Created(known.contact_id)
         thread = store.find_thread(session, msg, contact, now=now,
                                    sms_thread_days=settings.sms_thread_days)
-        facts = store.gather_facts(session, msg, contact, thread, now=now,
-                                   ack_window=timedelta(hours=settings.ack_window_hours))
+        facts = store.gather_facts(known, thread)
         ruleset = self._ruleset()
         decision = classify(msg, ruleset, facts, now)
-        auto_reason = guards.auto_reply_reason(
-            msg, is_own_message=store.is_our_message_id(session, msg.external_id))
-        contact = store.get_or_create_contact(session, msg, now, known=contact)
-        if msg.channel is Channel.EMAIL and contact.email_suppressed_at is not None:
-            contact.email_suppressed_at = None  # they wrote in: the address works again
-            store.record_event(session, "email-unsuppressed", now, contact=contact)
+        auto_reason = guards.auto_reply_reason(msg, is_own_message=known.own_message_id)
+        if contact is None:
+            contact = store.create_contact(session, msg, now)
+        elif (msg.sender_name and not known.contact_named) or (
+                msg.channel is Channel.EMAIL and known.email_suppressed):
+            # Only a contact that changes is loaded as an object.
+            contact = store.get_or_create_contact(
+                session, msg, now, known=session.get_one(Contact, known.contact_id))
+            if msg.channel is Channel.EMAIL and contact.email_suppressed_at is not None:
+                contact.email_suppressed_at = None  # they wrote in: the address works again
+                store.record_event(session, "email-unsuppressed", now, contact=contact)
 
         if thread.enquiry is None:
             return self._open_enquiry(session, msg, contact, decision, facts, auto_reason,
@@ -194,8 +218,8 @@ class Intake:
                                       auto_reason, ruleset, now, thread.how)
 
     def _open_enquiry(
-        self, session: Session, msg: InboundMessage, contact: Contact, decision: Decision,
-        facts: Any, auto_reason: str, ruleset: RuleSet, now: datetime,
+        self, session: Session, msg: InboundMessage, contact: Contact | store.Created,
+        decision: Decision, facts: Any, auto_reason: str, ruleset: RuleSet, now: datetime,
     ) -> AcceptOutcome:
         enquiry = store.create_enquiry(session, msg, contact, decision, now)
         store.add_message(session, msg, enquiry=enquiry, contact=contact, kind="enquiry",
@@ -213,9 +237,9 @@ class Intake:
         return AcceptOutcome(enquiry.reference, kind="enquiry", queued=queued)
 
     def _continue_enquiry(
-        self, session: Session, msg: InboundMessage, contact: Contact, enquiry: Enquiry,
-        decision: Decision, facts: Any, auto_reason: str, ruleset: RuleSet, now: datetime,
-        how: str,
+        self, session: Session, msg: InboundMessage, contact: Contact | store.Created,
+        enquiry: Enquiry, decision: Decision, facts: Any, auto_reason: str, ruleset: RuleSet,
+        now: datetime, how: str,
     ) -> AcceptOutcome:
         enquiry.last_inbound_at = now
         enquiry.updated_at = now
@@ -225,13 +249,7 @@ class Intake:
             store.record_event(session, "enquiry-reopened", now, enquiry=enquiry)
         store.add_message(session, msg, enquiry=enquiry, contact=contact,
                           kind="auto-reply" if auto_reason else "reply", now=now)
-        # The patient wrote again: reminders that chase the patient are no longer needed.
-        for reminder in session.query(Reminder).filter(
-                Reminder.enquiry_id == enquiry.id, Reminder.status == "pending",
-                Reminder.to == "patient"):
-            reminder.status = "cancelled"
-            reminder.cancelled_at = now
-            reminder.cancel_reason = "patient replied"
+        store.cancel_patient_reminders(session, enquiry, now)
         queued = 0
         if auto_reason:
             store.record_event(session, "auto-reply-stored", now, enquiry=enquiry,
@@ -258,8 +276,9 @@ class Intake:
         return AcceptOutcome(enquiry.reference, kind="reply", queued=queued)
 
     def _queue_reply(
-        self, session: Session, msg: InboundMessage, contact: Contact, enquiry: Enquiry,
-        decision: Decision, facts: Any, auto_reason: str, now: datetime,
+        self, session: Session, msg: InboundMessage, contact: Contact | store.Created,
+        enquiry: Enquiry | store.Created, decision: Decision, facts: Any, auto_reason: str,
+        now: datetime,
     ) -> int:
         plan = guards.plan_reply(msg, decision, facts, ack_limit=self._settings.ack_limit_per_day,
                                  auto_reason=auto_reason)
@@ -279,8 +298,9 @@ class Intake:
         return 1
 
     def _queue_notifications(
-        self, session: Session, enquiry: Enquiry, teams: Sequence[str], template: str | None,
-        decision: Decision, ruleset: RuleSet, now: datetime, *, update: bool = False,
+        self, session: Session, enquiry: Enquiry | store.Created, teams: Sequence[str],
+        template: str | None, decision: Decision, ruleset: RuleSet, now: datetime, *,
+        update: bool = False,
     ) -> int:
         if not template:
             return 0

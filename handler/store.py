@@ -1,38 +1,45 @@
 """Database reads and writes for intake and delivery, on a caller's (synchronous) Session.
 
-Functions here never commit: the caller owns the transaction. Intake calls `gather_facts`
-and `record_inbound` for every message of a group commit; the dispatcher claims and marks
-outbox rows.
+Functions here never commit: the caller owns the transaction. Intake reads what it needs
+about each message of a group commit with one query (`look_up`), inserts with prebuilt Core
+statements, and leaves events and reminders to one multi-row insert per group (`Deferred`);
+the dispatcher claims and marks outbox rows.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import (
     Column,
     Executable,
+    Insert,
     Result,
+    Table,
     bindparam,
     func,
     insert,
     inspect,
+    literal,
     or_,
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from handler.decision import Decision, Facts, ReminderSpec
 from handler.inbound import Channel, InboundMessage
 from handler.models import (
     Attachment,
+    Base,
     Blob,
     Contact,
     Enquiry,
@@ -42,10 +49,11 @@ from handler.models import (
     Reminder,
 )
 
-_Row = TypeVar("_Row", Contact, Enquiry, Message, OutboxItem)
+_Row = TypeVar("_Row", bound=Base)
 _REF_ALPHABET = "ABCDEFGHJKMNPQRSTVWXYZ23456789"  # no 0/O, 1/I/L, U: easy to read aloud
 REFERENCE_RE = re.compile(r"\bENQ-([A-HJ-NP-TV-Z2-9]{6})\b", re.IGNORECASE)
 _DURATION_RE = re.compile(r"^\s*(\d+)\s*([mhdw])\s*$")
+_DEFERRED = "handler.deferred"  # key in Session.info
 
 # Intake's hot-path queries, built once as Core statements on the tables: an ORM query costs
 # ~140 µs of Python per call (building the expression, loading entities), these ~25 µs.
@@ -53,19 +61,47 @@ _contact, _enquiry = Contact.__table__, Enquiry.__table__
 _message, _outbox = Message.__table__, OutboxItem.__table__
 _CONTACT_BY_EMAIL = select(_contact.c.id).where(_contact.c.email == bindparam("sender"))
 _CONTACT_BY_PHONE = select(_contact.c.id).where(_contact.c.phone == bindparam("sender"))
-_EARLIER_ENQUIRIES = select(func.count()).select_from(_enquiry).where(
-    _enquiry.c.contact_id == bindparam("contact_id"))
-_ACKS_SINCE = select(func.count()).select_from(_outbox).where(
-    _outbox.c.recipient == bindparam("recipient"), _outbox.c.kind == "ack",
-    # a failed (bounced, refused) acknowledgement never arrived: it does not count
-    _outbox.c.status.not_in(("cancelled", "failed")), _outbox.c.created_at >= bindparam("since"))
-_OUR_MESSAGE_ID = select(_outbox.c.id).where(_outbox.c.message_id == bindparam("message_id"))
 _INBOUND = select(_message.c.id).where(
     _message.c.channel == bindparam("channel"), _message.c.direction == "in",
     _message.c.external_id == bindparam("external_id"))
-_REFERENCE_TAKEN = select(_enquiry.c.id).where(_enquiry.c.reference == bindparam("reference"))
 _INSERT_EVENT = insert(Event.__table__)
 _INSERT_REMINDER = insert(Reminder.__table__)
+# A new reference is taken by the INSERT itself: ON CONFLICT DO NOTHING returns no id when
+# the random reference exists already (no separate SELECT per enquiry).
+_INSERT_ENQUIRY = {
+    name: dialect_insert(_enquiry).on_conflict_do_nothing(
+        index_elements=[_enquiry.c.reference]).returning(_enquiry.c.id)
+    for name, dialect_insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))}
+
+
+def _known_statement(contact_column: Column[Any], *, email: bool) -> Executable:
+    """Everything intake reads about a message before routing it, as one row: its id if it
+    was stored before, the sender's contact (if any), the contact's earlier enquiries, the
+    acknowledgements sent to the sender since :since, and (email) whether its Message-ID is
+    one of ours. One round trip instead of six."""
+    one_row = select(literal(1).label("one")).subquery()
+    columns: list[Any] = [
+        _INBOUND.scalar_subquery(),
+        _contact.c.id, _contact.c.name != "", _contact.c.sms_opted_out_at.is_not(None),
+        _contact.c.email_suppressed_at.is_not(None),
+        select(func.count()).select_from(_enquiry).where(
+            _enquiry.c.contact_id == _contact.c.id).scalar_subquery(),
+        select(func.count()).select_from(_outbox).where(
+            _outbox.c.recipient == bindparam("sender"), _outbox.c.kind == "ack",
+            # a failed (bounced, refused) acknowledgement never arrived: it does not count
+            # (two comparisons, not NOT IN: an IN list is re-rendered at every execution)
+            _outbox.c.status != "cancelled", _outbox.c.status != "failed",
+            _outbox.c.created_at >= bindparam("since")).scalar_subquery(),
+    ]
+    if email:
+        columns.append(select(_outbox.c.id).where(
+            _outbox.c.message_id == bindparam("external_id")).exists())
+    return select(*columns).select_from(
+        one_row.outerjoin(_contact, contact_column == bindparam("sender")))
+
+
+_KNOWN_EMAIL = _known_statement(_contact.c.email, email=True)
+_KNOWN_SMS = _known_statement(_contact.c.phone, email=False)
 
 
 def _core(session: Session, statement: Executable, **params: Any) -> Result[Any]:
@@ -90,11 +126,17 @@ def _add_now(session: Session, obj: _Row) -> _Row:
         elif not column.primary_key and _has_python_default(column):
             values[column.key] = _python_default(column)
             setattr(obj, column.key, values[column.key])
-    result = session.connection().execute(insert(table), values)
+    result = session.connection().execute(_insert_into(table), values)
     obj.id = result.inserted_primary_key[0]
     make_transient_to_detached(obj)
     session.add(obj)
     return obj
+
+
+@functools.cache
+def _insert_into(table: Table) -> Insert:
+    """One INSERT construct per table: a new one each time costs its cache key."""
+    return insert(table)
 
 
 def _has_python_default(column: Column[Any]) -> bool:
@@ -128,6 +170,15 @@ def parse_duration(text: str) -> timedelta:
 
 
 @dataclass(frozen=True, slots=True)
+class Created:
+    """A row just inserted with Core: its id (and an enquiry's reference). Building the ORM
+    object instead costs ~100 µs, and nothing in the transaction needs one."""
+
+    id: int
+    reference: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Thread:
     enquiry: Enquiry | None
     how: str = ""
@@ -137,6 +188,16 @@ def find_contact(session: Session, msg: InboundMessage) -> Contact | None:
     statement = _CONTACT_BY_PHONE if msg.channel is Channel.SMS else _CONTACT_BY_EMAIL
     contact_id = _core(session, statement, sender=msg.sender).scalar()
     return None if contact_id is None else session.get(Contact, contact_id)
+
+
+def create_contact(session: Session, msg: InboundMessage, now: datetime) -> Created:
+    """A new contact for the sender, with a Core insert."""
+    result = session.connection().execute(_insert_into(_contact), {
+        "email": None if msg.channel is Channel.SMS else msg.sender,
+        "phone": msg.sender if msg.channel is Channel.SMS else None,
+        "name": msg.sender_name[:200], "sms_opted_out_at": None, "email_suppressed_at": None,
+        "email_suppressed_reason": "", "created_at": now, "erased_at": None})
+    return Created(result.inserted_primary_key[0])
 
 
 def get_or_create_contact(
@@ -158,7 +219,7 @@ def get_or_create_contact(
 
 
 def find_thread(
-    session: Session, msg: InboundMessage, contact: Contact | None, *, now: datetime,
+    session: Session, msg: InboundMessage, contact: Contact | Created | None, *, now: datetime,
     sms_thread_days: int,
 ) -> Thread:
     """The enquiry this message continues, if any: by our Message-IDs, the patient's earlier
@@ -197,25 +258,42 @@ def find_thread(
     return Thread(None)
 
 
-def gather_facts(
-    session: Session, msg: InboundMessage, contact: Contact | None, thread: Thread, *,
-    now: datetime, ack_window: timedelta,
-) -> Facts:
-    if contact is None:
+@dataclass(frozen=True, slots=True)
+class Known:
+    """What the database says about an inbound message before it is routed."""
+
+    stored_id: int | None
+    """The message's row when this (channel, external id) was stored before."""
+    contact_id: int | None
+    contact_named: bool
+    sms_opted_out: bool
+    email_suppressed: bool
+    earlier_enquiries: int
+    acks: int
+    """Acknowledgements sent to the sender inside the window (failed ones don't count)."""
+    own_message_id: bool
+    """Its Message-ID is one of ours (email)."""
+
+
+def look_up(session: Session, msg: InboundMessage, *, since: datetime) -> Known:
+    """One query (see `_known_statement`); `since` starts the acknowledgement window."""
+    email = msg.channel is Channel.EMAIL
+    row = _core(session, _KNOWN_EMAIL if email else _KNOWN_SMS, channel=msg.channel.value,
+                external_id=msg.external_id, sender=msg.sender, since=since).one()
+    return Known(row[0], row[1], bool(row[2]), bool(row[3]), bool(row[4]), int(row[5] or 0),
+                 int(row[6] or 0), bool(row[7]) if email else False)
+
+
+def gather_facts(known: Known, thread: Thread) -> Facts:
+    if known.contact_id is None:
         return Facts(is_reply=thread.enquiry is not None)
-    earlier = _core(session, _EARLIER_ENQUIRIES, contact_id=contact.id).scalar() or 0
-    acks = _core(session, _ACKS_SINCE, recipient=msg.sender, since=now - ack_window).scalar() or 0
     return Facts(
         is_reply=thread.enquiry is not None,
-        earlier_enquiries=int(earlier),
-        acks_last_24h=int(acks),
-        sms_opted_out=contact.sms_opted_out_at is not None,
-        email_suppressed=contact.email_suppressed_at is not None,
+        earlier_enquiries=known.earlier_enquiries,
+        acks_last_24h=known.acks,
+        sms_opted_out=known.sms_opted_out,
+        email_suppressed=known.email_suppressed,
     )
-
-
-def is_our_message_id(session: Session, message_id: str) -> bool:
-    return _core(session, _OUR_MESSAGE_ID, message_id=message_id).first() is not None
 
 
 def find_inbound(session: Session, msg: InboundMessage) -> Message | None:
@@ -224,7 +302,7 @@ def find_inbound(session: Session, msg: InboundMessage) -> Message | None:
     return None if found is None else session.get(Message, found)
 
 
-def _store_attachments(session: Session, message: Message, msg: InboundMessage) -> None:
+def _store_attachments(session: Session, message_id: int, msg: InboundMessage) -> None:
     # One query for the blobs we already have: a hostile message can carry ~1000 parts, and
     # a lookup (plus autoflush) per part took over a second on PostgreSQL.
     shas = {att.sha256 for att in msg.attachments if att.data}
@@ -238,84 +316,139 @@ def _store_attachments(session: Session, message: Message, msg: InboundMessage) 
                 known.add(sha)
                 session.add(Blob(sha256=sha, size=len(att.data), data=att.data))
                 session.flush()
-        session.add(Attachment(message_id=message.id, filename=att.filename,
+        session.add(Attachment(message_id=message_id, filename=att.filename,
                                content_type=att.content_type, size=att.size, sha256=sha,
                                url=att.url))
 
 
 def add_message(
-    session: Session, msg: InboundMessage, *, enquiry: Enquiry | None, contact: Contact | None,
-    kind: str, now: datetime,
-) -> Message:
-    message = Message(
-        enquiry_id=enquiry.id if enquiry else None,
-        contact_id=contact.id if contact else None,
-        direction="in", channel=msg.channel.value, external_id=msg.external_id,
-        sender=msg.sender, recipients=list(msg.recipients), subject=msg.subject, text=msg.text,
-        html=msg.html, headers=dict(msg.headers), raw=msg.raw or None,
-        defects=list(msg.defects), kind=kind, created_at=now,
-    )
-    _add_now(session, message)
-    _store_attachments(session, message, msg)
-    return message
-
-
-def unique_reference(session: Session) -> str:
-    while True:
-        ref = new_reference()
-        if _core(session, _REFERENCE_TAKEN, reference=ref).first() is None:
-            return ref
+    session: Session, msg: InboundMessage, *, enquiry: Enquiry | Created | None,
+    contact: Contact | Created | None, kind: str, now: datetime,
+) -> int:
+    """Store an inbound message; returns its id. A Core insert: nothing in the transaction
+    needs it as an object."""
+    result = session.connection().execute(_insert_into(_message), {
+        "enquiry_id": enquiry.id if enquiry else None,
+        "contact_id": contact.id if contact else None,
+        "direction": "in", "channel": msg.channel.value, "external_id": msg.external_id,
+        "sender": msg.sender, "recipients": list(msg.recipients), "subject": msg.subject,
+        "text": msg.text, "html": msg.html, "headers": dict(msg.headers),
+        "raw": msg.raw or None, "defects": list(msg.defects), "kind": kind, "created_at": now})
+    message_id: int = result.inserted_primary_key[0]
+    if msg.attachments:
+        _store_attachments(session, message_id, msg)
+    return message_id
 
 
 def create_enquiry(
-    session: Session, msg: InboundMessage, contact: Contact, decision: Decision, now: datetime
-) -> Enquiry:
-    enquiry = Enquiry(
-        reference=unique_reference(session), contact_id=contact.id, channel=msg.channel.value,
-        mailbox=msg.mailbox, subject=msg.subject[:500], category=decision.category,
-        priority=decision.priority, team=decision.team, teams=list(decision.teams),
-        tags=list(decision.tags), rule=decision.rule, reply_template=decision.reply_template,
-        notify_template=decision.notify_template, decision=decision.to_json(),
-        ruleset_version=decision.ruleset_version, status="open", created_at=now,
-        updated_at=now, last_inbound_at=now,
-    )
-    return _add_now(session, enquiry)
+    session: Session, msg: InboundMessage, contact: Contact | Created, decision: Decision,
+    now: datetime,
+) -> Created:
+    values: dict[str, Any] = {
+        "contact_id": contact.id, "channel": msg.channel.value, "mailbox": msg.mailbox,
+        "subject": msg.subject[:500], "category": decision.category,
+        "priority": decision.priority, "team": decision.team, "teams": list(decision.teams),
+        "tags": list(decision.tags), "rule": decision.rule,
+        "reply_template": decision.reply_template, "notify_template": decision.notify_template,
+        "decision": decision.to_json(), "ruleset_version": decision.ruleset_version,
+        "status": "open", "created_at": now, "updated_at": now, "last_inbound_at": now,
+        "last_staff_reply_at": None, "closed_at": None,
+    }
+    connection = session.connection()
+    statement = _INSERT_ENQUIRY[connection.dialect.name]
+    enquiry_id = None
+    while enquiry_id is None:  # None: the reference was taken; draw another
+        values["reference"] = new_reference()
+        enquiry_id = connection.execute(statement, values).scalar()
+    return Created(enquiry_id, values["reference"])
 
 
 def enqueue(
     session: Session, *, kind: str, channel: Channel | str, recipient: str, template: str,
-    due_at: datetime, now: datetime, domain: str, enquiry: Enquiry | None = None,
-    contact: Contact | None = None, context: dict[str, Any] | None = None, urgent: bool = False,
-    reminder: Reminder | None = None,
-) -> OutboxItem:
-    item = OutboxItem(
-        enquiry_id=enquiry.id if enquiry else None, contact_id=contact.id if contact else None,
-        reminder_id=reminder.id if reminder else None, kind=kind, channel=str(channel),
-        recipient=recipient, template=template, context=context or {}, urgent=urgent,
-        message_id=new_message_id(domain), status="pending", due_at=due_at, attempts=0,
-        created_at=now,
-    )
-    return _add_now(session, item)
+    due_at: datetime, now: datetime, domain: str, enquiry: Enquiry | Created | None = None,
+    contact: Contact | Created | None = None, context: dict[str, Any] | None = None,
+    urgent: bool = False, reminder: Reminder | None = None,
+) -> Created:
+    result = session.connection().execute(_insert_into(_outbox), {
+        "enquiry_id": enquiry.id if enquiry else None,
+        "contact_id": contact.id if contact else None,
+        "reminder_id": reminder.id if reminder else None, "kind": kind,
+        "channel": str(channel), "recipient": recipient, "template": template,
+        "context": context or {}, "urgent": urgent, "message_id": new_message_id(domain),
+        "status": "pending", "due_at": due_at, "attempts": 0, "created_at": now})
+    return Created(result.inserted_primary_key[0])
+
+
+@dataclass(slots=True)
+class Deferred:
+    """Rows that a group commit writes at its end, one executemany per table (one pipelined
+    round trip on PostgreSQL) instead of a statement per row: audit events, which nothing
+    reads inside the transaction, and reminders, which `cancel_patient_reminders` writes
+    first."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    reminders: list[dict[str, Any]] = field(default_factory=list)
+
+    def write(self, session: Session) -> None:
+        connection = session.connection()
+        if self.events:
+            connection.execute(_INSERT_EVENT, self.events)
+            self.events.clear()
+        if self.reminders:
+            connection.execute(_INSERT_REMINDER, self.reminders)
+            self.reminders.clear()
+
+
+def defer_writes(session: Session) -> Deferred:
+    """Until `Deferred.write`, events and reminders recorded on `session` wait in memory.
+    Not under savepoints: a rolled-back savepoint would lose rows written inside it."""
+    deferred = session.info[_DEFERRED] = Deferred()
+    return deferred
+
+
+def _deferred(session: Session) -> Deferred | None:
+    deferred: Deferred | None = session.info.get(_DEFERRED)
+    return deferred
 
 
 def add_reminders(
-    session: Session, enquiry: Enquiry, specs: Sequence[ReminderSpec], now: datetime
+    session: Session, enquiry: Enquiry | Created, specs: Sequence[ReminderSpec], now: datetime
 ) -> None:
     rows = [{"enquiry_id": enquiry.id, "name": spec.name, "template": spec.template,
              "to": spec.to, "unless": spec.unless, "due_at": now + parse_duration(spec.after),
              "status": "pending", "created_at": now} for spec in specs]
-    if rows:  # a Core insert: nobody needs these rows as objects in this transaction
+    deferred = _deferred(session)
+    if deferred is not None:
+        deferred.reminders += rows
+    elif rows:  # a Core insert: nobody needs these rows as objects in this transaction
         session.connection().execute(_INSERT_REMINDER, rows)
 
 
+def cancel_patient_reminders(session: Session, enquiry: Enquiry, now: datetime) -> None:
+    """The patient wrote again: reminders that chase the patient are no longer needed."""
+    deferred = _deferred(session)
+    if deferred is not None:
+        deferred.write(session)  # this enquiry's reminders may be among them
+    reminder = Reminder.__table__
+    session.connection().execute(
+        update(reminder)
+        .where(reminder.c.enquiry_id == enquiry.id, reminder.c.status == "pending",
+               reminder.c.to == "patient")
+        .values(status="cancelled", cancelled_at=now, cancel_reason="patient replied"))
+
+
 def record_event(
-    session: Session, kind: str, now: datetime, *, enquiry: Enquiry | None = None,
-    contact: Contact | None = None, actor: str = "system", **detail: Any,
+    session: Session, kind: str, now: datetime, *, enquiry: Enquiry | Created | None = None,
+    contact: Contact | Created | None = None, actor: str = "system", **detail: Any,
 ) -> None:
-    # A Core insert (a quarter of an ORM add + flush); the row is written at once.
-    session.connection().execute(_INSERT_EVENT, {
-        "at": now, "kind": kind, "enquiry_id": enquiry.id if enquiry else None,
-        "contact_id": contact.id if contact else None, "actor": actor, "detail": detail})
+    # A Core insert (a quarter of an ORM add + flush), at once or with the group commit.
+    row = {"at": now, "kind": kind, "enquiry_id": enquiry.id if enquiry else None,
+           "contact_id": contact.id if contact else None, "actor": actor, "detail": detail}
+    deferred = _deferred(session)
+    if deferred is not None:
+        deferred.events.append(row)
+    else:
+        session.connection().execute(_INSERT_EVENT, row)
 
 
 # --- delivery -------------------------------------------------------------------------------
