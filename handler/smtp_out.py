@@ -1,14 +1,15 @@
 """Outbound email through an SMTP relay with aiosmtplib (optional STARTTLS and login).
 
 Keeps a few connections open and reuses them; maps every failure to a SendResult:
-4xx and connection trouble are temporary, 5xx permanent.
+4xx and connection trouble are temporary, 5xx permanent. Messages arrive as bytes and go out
+with `sendmail`, asking for the extensions aiosmtplib's `send_message` would: SMTPUTF8 for a
+non-ASCII address (a relay without it cannot take that mail), BODY=8BITMIME when offered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from email.message import EmailMessage
 
 import aiosmtplib
 
@@ -35,17 +36,25 @@ class RelayTransport:
         client = aiosmtplib.SMTP(hostname=self._host, port=self._port, timeout=self._timeout,
                                  start_tls=self._starttls, use_tls=False)
         await client.connect()
+        if client.is_ehlo_or_helo_needed:  # send() reads the extensions
+            try:
+                await client.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                await client.helo()  # a relay from before ESMTP
         if self._username:
             await client.login(self._username, self._password)
         return client
 
-    async def send(self, message: EmailMessage, *, sender: str, recipient: str) -> SendResult:
+    async def send(self, message: bytes, *, sender: str, recipient: str) -> SendResult:
+        options = [] if sender.isascii() and recipient.isascii() else ["SMTPUTF8"]
         client = await self._idle.get()
         try:
             if client is None or not client.is_connected:
                 client = await self._connect()
-            errors, response = await client.send_message(
-                message, sender=sender, recipients=[recipient])
+            if client.supports_extension("8BITMIME"):
+                options.append("BODY=8BITMIME")
+            errors, response = await client.sendmail(
+                sender, [recipient], message, mail_options=options)
             if recipient in errors:
                 code, text = errors[recipient]
                 client = await _reset(client)

@@ -12,7 +12,6 @@ import json
 import logging
 import mailbox
 from dataclasses import dataclass
-from email.message import EmailMessage
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
@@ -60,7 +59,8 @@ class SmsRequest:
 class EmailTransport(Protocol):
     description: str
 
-    async def send(self, message: EmailMessage, *, sender: str, recipient: str) -> SendResult: ...
+    async def send(self, message: bytes, *, sender: str, recipient: str) -> SendResult:
+        """Send one message composed by `handler.compose` (CRLF line endings)."""
 
     async def close(self) -> None: ...
 
@@ -84,9 +84,9 @@ class MaildirTransport:
             (path / sub).mkdir(parents=True, exist_ok=True)
         self._box = mailbox.Maildir(str(path), create=True)
 
-    async def send(self, message: EmailMessage, *, sender: str, recipient: str) -> SendResult:
-        data = bytes(message)
-        envelope = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
+    async def send(self, message: bytes, *, sender: str, recipient: str) -> SendResult:
+        data = message.replace(b"\r\n", b"\n")  # Maildir files use the local line ending
+        envelope = f"Return-Path: <{sender}>\nDelivered-To: {recipient}\n".encode()
         try:
             key = await asyncio.to_thread(self._box.add, envelope + data)
         except OSError as exc:
