@@ -308,8 +308,16 @@ async def watch_and_reload(
         log.exception("file watching stopped; send SIGHUP to reload rules and templates")
 
 
+SWITCH_INTERVAL = 0.001
+"""Seconds a thread may hold the GIL while another waits (Python's default: 0.005). The
+intake writer releases the GIL at every SQL statement and must win it back from the event
+loop each time; with the default it waited up to 5 ms per statement under load (a group of
+8 messages took ~20 ms instead of ~6; 2 KB intake 370 -> 530 msg/s with 0.001)."""
+
+
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM / SIGINT; SIGHUP reloads rules and templates."""
+    sys.setswitchinterval(SWITCH_INTERVAL)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloads: set[asyncio.Task[bool]] = set()  # keeps SIGHUP reload tasks referenced

@@ -226,7 +226,7 @@ async def deliver(settings: Settings, *, control_fd: int | None) -> None:
 
 
 def main() -> int:
-    import handler.app  # noqa: F401  (imported before logging is set up: alembic's import chatter)
+    import handler.app  # before logging is set up: alembic logs its import at INFO
     from handler.logs import configure_logging
 
     line = sys.stdin.buffer.readline()
@@ -234,6 +234,7 @@ def main() -> int:
         return 0  # the service went away before saying anything
     settings = settings_from_json(line)
     configure_logging(settings.log_level)
+    sys.setswitchinterval(handler.app.SWITCH_INTERVAL)  # claims and records run in threads
     asyncio.run(deliver(settings, control_fd=sys.stdin.fileno()))
     return 0
 
