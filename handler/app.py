@@ -29,11 +29,12 @@ from handler.clock import Clock, SystemClock
 from handler.config import Settings
 from handler.dispatch import Dispatcher, Renderer
 from handler.http import make_http_app
+from handler.intake_worker import RemoteIntake
 from handler.live import LiveRules
 from handler.loops import OwnMail
 from handler.privacy import RetentionJob
 from handler.scheduler import Ticker
-from handler.service import Intake
+from handler.service import Acceptor, Intake
 from handler.sms_keywords import SmsKeywords
 from handler.sms_webhook import SmsWebhook
 from handler.sms_webhook import describe as describe_sms_webhook
@@ -72,6 +73,9 @@ class Service:
     engine: Engine
     rules: LiveRules
     intake: Intake
+    remote_intake: RemoteIntake | None
+    """The intake writer's own process (`intake_worker = true`); `intake` then takes only
+    messages over LOCAL_BYTES."""
     delivery: Delivery | None
     """In this process (`delivery_worker = false`); otherwise None and `worker` is set."""
     worker: WorkerProcess | None
@@ -79,6 +83,13 @@ class Service:
     http_server: uvicorn.Server
     http_socket: socket.socket
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def reload_children(self) -> None:
+        """Rules and templates were reloaded here: the worker processes reload theirs."""
+        if self.worker is not None:
+            self.worker.reload()
+        if self.remote_intake is not None:
+            self.remote_intake.reload()
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -119,6 +130,8 @@ class Service:
             f"sms    goes to {describe_sms(s)}",
             "send   " + (f"from the delivery worker (pid {self.worker.pid})" if self.worker
                          else "from this process (delivery_worker = false)"),
+            "write  " + (f"in the intake worker (pid {self.remote_intake.pid})"
+                         if self.remote_intake else "in this process (intake_worker = false)"),
             describe_sms_webhook(s),
             f"rules  {len(self.rules.ruleset.rules)} rules from {s.rules_dir} "
             f"(version {self.rules.status.version[:12]})",
@@ -209,6 +222,40 @@ async def delivering(
         engine.dispose()
 
 
+def build_intake(
+    settings: Settings, *, sessions: sessionmaker[Session], rules: LiveRules, clock: Clock,
+    on_queued: Callable[[], None] = lambda: None,
+) -> Intake:
+    intake = Intake(sessions=sessions, ruleset=rules.current, clock=clock, settings=settings,
+                    on_queued=on_queued)
+    intake.interceptors.append(SmsKeywords(settings=settings))  # STOP / START / HELP
+    intake.interceptors += [Bounces.from_settings(settings),  # DSNs never open enquiries
+                            OwnMail(ruleset=rules.current,  # nor does mail from our side
+                                    mailboxes=(*settings.mailboxes, settings.clinic_address))]
+    return intake
+
+
+@contextlib.asynccontextmanager
+async def intake_alone(
+    settings: Settings, *, clock: Clock
+) -> AsyncIterator[tuple[Intake, LiveRules]]:
+    """The intake writer on its own (the intake worker process)."""
+    engine = db.make_engine(settings.sqlalchemy_url)
+    rules = LiveRules(rules_dir=settings.rules_dir, templates_dir=settings.templates_dir,
+                      max_sms_segments=settings.sms_max_segments, now=clock.now())
+    intake = build_intake(settings, sessions=db.make_sessionmaker(engine, write=True),
+                          rules=rules, clock=clock)
+    await intake.start()
+    watcher = asyncio.create_task(
+        watch_and_reload(rules, [settings.rules_dir, settings.templates_dir], clock))
+    try:
+        yield intake, rules
+    finally:
+        watcher.cancel()
+        await intake.stop()
+        engine.dispose()
+
+
 @contextlib.asynccontextmanager
 async def running(
     settings: Settings, *, clock: Clock | None = None, email: EmailTransport | None = None,
@@ -239,18 +286,24 @@ async def running(
                                   email=email or build_email_transport(settings),
                                   sms=sms or build_sms_transport(settings))
         on_queued = delivery.ticker.wake
-    intake = Intake(sessions=sessions, ruleset=rules.current, clock=clock, settings=settings,
-                    on_queued=on_queued)
-    intake.interceptors.append(SmsKeywords(settings=settings))  # STOP / START / HELP
-    intake.interceptors += [Bounces.from_settings(settings),  # DSNs never open enquiries
-                            OwnMail(ruleset=rules.current,  # nor does mail from our side
-                                    mailboxes=(*settings.mailboxes, settings.clinic_address))]
+    intake = build_intake(settings, sessions=sessions, rules=rules, clock=clock,
+                          on_queued=on_queued)
     await intake.start()
-    sms_webhook = SmsWebhook(settings=settings, intake=intake, sessions=sessions, clock=clock)
+    acceptor: Acceptor = intake
+    remote: RemoteIntake | None = None
+    if settings.intake_worker:
+        remote = RemoteIntake(settings, local=intake, on_queued=on_queued)
+        await remote.start()
+        acceptor = remote
+    sms_webhook = SmsWebhook(settings=settings, intake=acceptor, sessions=sessions,
+                             clock=clock)
+
+    def health() -> dict[str, Any]:
+        return {**(worker.health() if worker else {}),
+                **({"intake": remote.health()} if remote else {})}
 
     http_app = make_http_app(rules=rules, db_ping=lambda: db.ping(engine),
-                             extra_routes=sms_webhook.routes(),
-                             extra_health=worker.health if worker else dict)
+                             extra_routes=sms_webhook.routes(), extra_health=health)
     config = uvicorn.Config(http_app, log_config=None, access_log=False, lifespan="off",
                             timeout_graceful_shutdown=5)
     http_server = _QuietServer(config)
@@ -260,18 +313,19 @@ async def running(
     http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     http_socket.bind((settings.http_host, settings.http_port))
     http_socket.listen(2048)  # connections wait in the backlog until uvicorn is up
-    handler = IntakeHandler(intake=intake, mailboxes=settings.mailboxes,
+    handler = IntakeHandler(intake=acceptor, mailboxes=settings.mailboxes,
                             max_recipients=settings.smtp_max_recipients)
     smtp_server = await start_smtp_server(settings, handler)
     service = Service(settings=settings, engine=engine, rules=rules, intake=intake,
-                      delivery=delivery, worker=worker, smtp_server=smtp_server,
+                      remote_intake=remote, delivery=delivery, worker=worker,
+                      smtp_server=smtp_server,
                       http_server=http_server, http_socket=http_socket)
     service.tasks.append(asyncio.create_task(http_server.serve(sockets=[http_socket])))
     if delivery is not None:
         delivery.ticker.start()
     watcher = asyncio.create_task(watch_and_reload(
         rules, [settings.rules_dir, settings.templates_dir], clock,
-        on_reload=worker.reload if worker else None))
+        on_reload=service.reload_children))
     await asyncio.sleep(0)  # let the watcher register before anyone edits a file
     try:
         yield service
@@ -279,7 +333,9 @@ async def running(
         smtp_server.close()          # 1. accept nothing new
         http_server.should_exit = True
         watcher.cancel()
-        await intake.stop()          # 2. commit what was already received
+        if remote is not None:       # 2. commit what was already received
+            await remote.stop()
+        await intake.stop()
         for task in service.tasks:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 10)
@@ -327,8 +383,7 @@ async def serve(settings: Settings) -> None:
         def reload() -> None:
             reloads.add(asyncio.create_task(
                 asyncio.to_thread(service.rules.reload, SystemClock().now())))
-            if service.worker is not None:
-                service.worker.reload()
+            service.reload_children()
 
         loop.add_signal_handler(signal.SIGHUP, reload)
         for line in service.describe():

@@ -191,31 +191,37 @@ class Child:
         return text
 
     def memory_kb(self) -> tuple[int, int]:
-        """(current RSS, peak RSS) in KiB, from /proc."""
+        """(current RSS, peak RSS) in KiB, from /proc: the process and its children (the
+        service's worker processes), each peak counted whole (an upper bound)."""
         rss = hwm = 0
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("VmHWM:"):
-                    hwm = int(line.split()[1])
+        for pid in (self.pid, *self._children()):
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("VmHWM:"):
+                        hwm += int(line.split()[1])
         return rss, hwm
 
     def reset_peak(self) -> None:
         """Start a new peak-RSS window (Linux >= 4.0: write 5 to clear_refs)."""
+        for pid in (self.pid, *self._children()):
+            with contextlib.suppress(OSError):
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+    def _children(self) -> set[int]:
+        children: set[int] = set()
         with contextlib.suppress(OSError):
-            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+            for task in Path(f"/proc/{self.pid}/task").iterdir():
+                children.update(int(p) for p in (task / "children").read_text().split())
+        return children
 
     def cpu_seconds(self) -> float:
         return _cpu_seconds(self.pid)
 
     def worker_cpu_seconds(self) -> float:
-        """CPU of the process's live children (the delivery worker)."""
-        children: set[int] = set()
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{self.pid}/task").iterdir():
-                children.update(int(p) for p in (task / "children").read_text().split())
-        return sum(_cpu_seconds(pid) for pid in children)
+        """CPU of the process's live children (the intake and delivery workers)."""
+        return sum(_cpu_seconds(pid) for pid in self._children())
 
 
     async def stop(self, wait_s: float = 30.0) -> int:

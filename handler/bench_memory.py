@@ -113,7 +113,7 @@ async def measure_big_message(bench: MemoryBench, report: Report) -> None:
     per_byte = growth / len(data)
     title = f"Memory, one {len(data) / 1e6:.1f} MB message with 3 attachments"
     print(f"== {title}: resting {rest / 1024:.0f} MB, peak {peak / 1024:.0f} MB", flush=True)
-    report.add(Row(title, "service peak RSS", "MB", Figure((peak / 1024,)),
+    report.add(Row(title, "service + workers: peak RSS", "MB", Figure((peak / 1024,)),
                    note=f"resting {rest / 1024:.0f} MB"))
     report.add(Row(title, "bare aiosmtpd: peak RSS growth per byte of message", "bytes/byte",
                    Figure((bare,)), digits=1, note="reads DATA line by line, then joins"))
@@ -156,9 +156,11 @@ async def measure_stored(bench: MemoryBench, report: Report) -> None:
     print(f"== {title}: empty {e_start:.0f} → {e_after:.0f} MB (peak {e_peak:.0f}); "
           f"{total:,} enquiries {m_start:.0f} → {m_after:.0f} MB (peak {m_peak:.0f})",
           flush=True)
-    report.add(Row(title, "empty database: RSS after start / after / peak", "MB",
+    report.add(Row(title, "empty database: RSS (service + workers) after start / after / peak",
+                   "MB",
                    Figure((e_after,)), note=f"{e_start:.0f} / {e_after:.0f} / {e_peak:.0f}"))
-    report.add(Row(title, f"{total:,} stored enquiries: RSS after start / after / peak", "MB",
+    report.add(Row(title, f"{total:,} stored enquiries: RSS (service + workers) after start / "
+                   "after / peak", "MB",
                    Figure((m_after,)), ratio=Figure((m_after / e_after,)),
                    note=f"{m_start:.0f} / {m_after:.0f} / {m_peak:.0f}",
                    target="≈ 1× the empty database",

@@ -114,8 +114,8 @@ async def measure_bare(bench: SmtpBench, load: Load) -> float:
 async def measure_service(
     bench: SmtpBench, load: Load, kind: str
 ) -> tuple[float, float, float]:
-    """(messages per second, CPU microseconds per message of the service and of its delivery
-    worker) on a fresh database."""
+    """(messages per second, CPU microseconds per message of the service and of its worker
+    processes: intake and delivery) on a fresh database."""
     async with fresh_database(kind, bench.work, bench.admin_url) as database, \
             relay_sink(bench.work, use_smtp_sink=bench.use_smtp_sink) as relay_port:
         async with handler_service(bench.work, database.url, relay_port,
@@ -151,7 +151,7 @@ async def run_intake(bench: SmtpBench, report: Report) -> None:
                 ours[kind].append(rate)
                 cpu[kind].append(us)
                 worker_cpu[kind].append(worker_us)
-                line += (f", {kind} {rate:,.0f} ({us:,.0f} + worker {worker_us:,.0f} µs "
+                line += (f", {kind} {rate:,.0f} ({us:,.0f} + workers {worker_us:,.0f} µs "
                          "CPU/msg)")
             print(line + " msg/s", flush=True)
         report.add(Row(title, "bare aiosmtpd (handle_DATA answers 250)", "msg/s",
@@ -162,8 +162,8 @@ async def run_intake(bench: SmtpBench, report: Report) -> None:
                            Figure(tuple(ours[kind])), ratio=r, target="≥ 0.50×",
                            verdict=verdict(r.median >= INTAKE_TARGET),
                            note=f"CPU per message: service "
-                                f"{statistics.median(cpu[kind]):,.0f} µs, delivery worker "
-                                f"{statistics.median(worker_cpu[kind]):,.0f} µs"))
+                                f"{statistics.median(cpu[kind]):,.0f} µs, intake + delivery "
+                                f"workers {statistics.median(worker_cpu[kind]):,.0f} µs"))
 
 
 def _db_name(kind: str) -> str:

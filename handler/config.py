@@ -70,6 +70,7 @@ class Settings:
     ack_window_hours: int = 24
     dispatch_poll_seconds: float = 5.0
     delivery_worker: bool = True  # send from a child process (a second core); false = inline
+    intake_worker: bool = True  # commit intake in a child process; false = a thread here
     outbox_lease_seconds: int = 300
     max_attempts: int = 8
     retention_days: int = 0  # 0 = keep closed enquiries forever

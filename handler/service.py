@@ -43,6 +43,13 @@ class AcceptOutcome:
     notes: tuple[str, ...] = field(default=())
 
 
+class Acceptor(Protocol):
+    """What the protocol adapters hand messages to: `Intake`, or `RemoteIntake` (the same
+    intake in its own process)."""
+
+    async def accept(self, msg: InboundMessage) -> AcceptOutcome: ...
+
+
 class Interceptor(Protocol):
     """Handles messages that are not enquiries (SMS keywords, bounces) before routing.
     Returns None to let the message through to routing."""

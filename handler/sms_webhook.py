@@ -24,7 +24,7 @@ from handler.clock import Clock
 from handler.config import Settings
 from handler.logs import pseudonym
 from handler.parse_sms import SmsParseError, parse_sms
-from handler.service import Intake
+from handler.service import Acceptor
 from handler.sms_status import StatusUpdate, parse_status, record_status
 
 log = logging.getLogger("handler.sms")
@@ -66,7 +66,7 @@ def signed_url(public_url: str, path: str, query: str) -> str:
 
 class SmsWebhook:
     def __init__(
-        self, *, settings: Settings, intake: Intake, sessions: sessionmaker[Session],
+        self, *, settings: Settings, intake: Acceptor, sessions: sessionmaker[Session],
         clock: Clock,
     ) -> None:
         self._settings = settings

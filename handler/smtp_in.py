@@ -24,7 +24,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 from handler.config import Settings
 from handler.inbound import InboundMessage
 from handler.parse_email import normalise_address, parse_email
-from handler.service import Intake
+from handler.service import Acceptor
 
 log = logging.getLogger("handler.smtp")
 
@@ -104,7 +104,7 @@ def normalise_line_endings(raw: bytes) -> tuple[bytes, bool]:
 class IntakeHandler:
     """aiosmtpd handler: the RCPT policy and the DATA -> intake step."""
 
-    def __init__(self, *, intake: Intake, mailboxes: Sequence[str], max_recipients: int) -> None:
+    def __init__(self, *, intake: Acceptor, mailboxes: Sequence[str], max_recipients: int) -> None:
         self._intake = intake
         self._mailboxes = {m.lower() for m in mailboxes}
         self._domains = {m.rpartition("@")[2] for m in self._mailboxes}

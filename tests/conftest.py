@@ -61,6 +61,7 @@ def make_settings(tmp_path: Path, database_url: str) -> Callable[..., Settings]:
             "smtp_port": 0, "http_port": 0, "mailboxes": (CLINIC,),
             "clinic_address": CLINIC, "dispatch_poll_seconds": 0.5,
             "delivery_worker": False,  # sent on this event loop, with the test's clock
+            "intake_worker": False,  # committed by a thread of this process
         }
         values.update(overrides)
         return Settings(**values)

@@ -1,5 +1,7 @@
-"""Delivery in its own process: settings reach it whole, wake-ups work, it is restarted when
-it dies, it never outlives the service, and it never meets a template it has not loaded."""
+"""The worker processes: settings reach them whole; the delivery worker is woken by commits,
+restarted when it dies, never outlives the service and never meets a template it has not
+loaded; the intake worker commits what the service receives, and while it restarts senders
+are told to retry (nothing is lost)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiosmtplib
+from sqlalchemy import create_engine, select
 
 from handler.config import Settings
+from handler.models import Message
 from handler.worker import settings_from_json, settings_to_json
 from tests.conftest import CLINIC, ROOT, Sink, eventually
 from tests.procs import ServiceProcess, service_env
@@ -99,6 +103,58 @@ async def test_new_rule_with_a_new_template_is_rendered_by_the_worker(
         assert any(str(m["Subject"]).startswith("Zebra reply") for m in received)
     finally:
         assert await proc.stop() == 0
+
+
+async def try_send(port: int, subject: str, body: str = "") -> bool:
+    msg = enquiry_email(subject=subject, body=body) if body else enquiry_email(subject=subject)
+    try:
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=10) as client:
+            await client.send_message(msg, recipients=[CLINIC])
+        return True
+    except aiosmtplib.SMTPResponseException as exc:
+        assert exc.code == 451, exc  # "try again later", never a refusal
+        return False
+
+
+async def test_intake_worker_commits_and_is_restarted_without_losing_mail(
+    make_settings: Callable[..., Settings], sink: Sink, tmp_path: Path
+) -> None:
+    settings = make_settings()
+    proc = await start(tmp_path, settings, sink)
+    try:
+        await eventually(lambda: any("write  in the intake worker" in line
+                                     for line in proc.output), timeout=5)
+        health = await asyncio.to_thread(healthz, proc.http_port)
+        first = int(health["intake"]["pid"])  # type: ignore[index]
+        assert await try_send(proc.smtp_port, "Question one about my treatment")
+        # A message larger than LOCAL_BYTES is committed by the service itself.
+        assert await try_send(proc.smtp_port, "My scans", body="scan data " * 150_000)
+
+        os.kill(first, signal.SIGKILL)
+        subjects = [f"Question {i} during the restart" for i in range(12)]
+        waiting = list(subjects)
+        for _ in range(200):  # a sender retrying as MTAs do
+            waiting = [s for s in waiting if not await try_send(proc.smtp_port, s)]
+            if not waiting:
+                break
+            await asyncio.sleep(0.1)
+        assert not waiting
+        health = await asyncio.to_thread(healthz, proc.http_port)
+        assert health["intake"]["restarts"] == 1  # type: ignore[index]
+        assert health["intake"]["worker"] == "running"  # type: ignore[index]
+    finally:
+        assert await proc.stop() == 0
+    assert stored_subjects(settings) == sorted(
+        ["Question one about my treatment", "My scans", *subjects])
+
+
+def stored_subjects(settings: Settings) -> list[str]:
+    engine = create_engine(settings.sqlalchemy_url)
+    with engine.connect() as conn:
+        subjects = sorted(conn.execute(
+            select(Message.subject).where(Message.direction == "in")).scalars())
+    engine.dispose()
+    return subjects
 
 
 def _alive(pid: int) -> bool:
