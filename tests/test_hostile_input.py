@@ -251,7 +251,9 @@ async def test_a_costly_message_does_not_stall_other_sessions(
         await asyncio.sleep(0.01)
     assert (await pending).code == 250
     print(f"worst NOOP latency while the big message was handled: {worst:.3f} s")
-    assert worst < 0.15
+    # Parsed on the loop, the big message would hold every NOOP for its whole ~0.3 s; the
+    # margin below that absorbs a loaded machine (CI shares its cores).
+    assert worst < 0.25
     assert noops >= 3, "the big message was handled too fast to tell"
     await big.close()
     await other.close()
