@@ -42,6 +42,7 @@ log = logging.getLogger("handler.intake_worker")
 
 LOCAL_BYTES = 1024 * 1024
 """Messages with more raw bytes than this are written by the service process itself."""
+READY_SECONDS = 60.0
 _HEADER = struct.Struct("!I")
 
 
@@ -96,6 +97,16 @@ class RemoteIntake:
             theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         writer.write(settings_to_json(self._settings).encode() + b"\n")
+        try:  # nothing is handed over before the child has its rules and database
+            ready = await asyncio.wait_for(_read_frame(reader), READY_SECONDS)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            ready = None
+        if ready != ("ready",):
+            log.error("intake worker did not start (see its log above)")
+            writer.close()
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()  # the supervisor sees it end and starts another
+            return reader
         self._writer = writer
         return reader
 
@@ -198,6 +209,7 @@ async def _serve_parent(settings: Settings, reader: asyncio.StreamReader,
     clock = SystemClock()
     async with app.intake_alone(settings, clock=clock) as (intake, rules):
         tasks: set[asyncio.Task[None]] = set()
+        writer.write(_frame(("ready",)))
 
         async def answer(ident: int, msg: InboundMessage) -> None:
             try:
