@@ -29,14 +29,13 @@ import signal
 import socket
 import struct
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 from handler.config import Settings
 from handler.inbound import InboundMessage
 from handler.service import AcceptOutcome, Intake
-from handler.worker import RESTART_PAUSES, settings_from_json, settings_to_json
+from handler.worker import Restarts, settings_from_json, settings_to_json
 
 log = logging.getLogger("handler.intake_worker")
 
@@ -74,7 +73,7 @@ class RemoteIntake:
         self._ids = itertools.count(1)
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
-        self.restarts = 0
+        self.restarts = Restarts("intake worker")
 
     @property
     def pid(self) -> int | None:
@@ -111,9 +110,8 @@ class RemoteIntake:
         return reader
 
     async def _supervise(self, reader: asyncio.StreamReader) -> None:
-        pause = 0
         while True:
-            started = time.monotonic()
+            self.restarts.started()
             await self._read_answers(reader)
             if self._writer is not None:  # from now on accept() answers "unavailable" at once
                 self._writer.close()
@@ -123,13 +121,7 @@ class RemoteIntake:
             code = await self._proc.wait()
             if self._stopping:
                 return
-            if time.monotonic() - started > 60:
-                pause = 0
-            wait = RESTART_PAUSES[min(pause, len(RESTART_PAUSES) - 1)]
-            log.error("intake worker exited with code %s; restarting in %.0f s", code, wait)
-            await asyncio.sleep(wait)
-            pause += 1
-            self.restarts += 1
+            await self.restarts.pause(code)
             reader = await self._spawn()
 
     async def _read_answers(self, reader: asyncio.StreamReader) -> None:
@@ -172,7 +164,7 @@ class RemoteIntake:
 
     def health(self) -> dict[str, Any]:
         return {"worker": "running" if self.running else "restarting", "pid": self.pid,
-                "restarts": self.restarts}
+                "restarts": self.restarts.count}
 
     async def stop(self, grace: float = 20.0) -> None:
         """End of file: the child answers what it holds, then exits."""

@@ -41,6 +41,28 @@ RESTART_PAUSES = (1.0, 2.0, 5.0, 10.0, 30.0)
 """Pause before restarting a worker that died; a worker that ran for a minute starts over."""
 
 
+class Restarts:
+    """Counts a worker's restarts and spaces them out (RESTART_PAUSES)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.count = 0
+        self._step = 0
+        self._started = time.monotonic()
+
+    def started(self) -> None:
+        self._started = time.monotonic()
+
+    async def pause(self, code: int | None) -> None:
+        if time.monotonic() - self._started > 60:
+            self._step = 0
+        wait = RESTART_PAUSES[min(self._step, len(RESTART_PAUSES) - 1)]
+        log.error("%s exited with code %s; restarting in %.0f s", self.what, code, wait)
+        await asyncio.sleep(wait)
+        self._step += 1
+        self.count += 1
+
+
 def settings_to_json(settings: Settings) -> str:
     values: dict[str, Any] = {}
     for f in fields(Settings):
@@ -71,7 +93,7 @@ class WorkerProcess:
         self._proc: asyncio.subprocess.Process | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
-        self.restarts = 0
+        self.restarts = Restarts("delivery worker")
 
     @property
     def running(self) -> bool:
@@ -92,20 +114,13 @@ class WorkerProcess:
         self._proc.stdin.write(settings_to_json(self._settings).encode() + b"\n" + WAKE)
 
     async def _supervise(self) -> None:
-        pause = 0
         while True:
             assert self._proc is not None
-            started = time.monotonic()
+            self.restarts.started()
             code = await self._proc.wait()
             if self._stopping:
                 return
-            if time.monotonic() - started > 60:
-                pause = 0
-            wait = RESTART_PAUSES[min(pause, len(RESTART_PAUSES) - 1)]
-            log.error("delivery worker exited with code %s; restarting in %.0f s", code, wait)
-            await asyncio.sleep(wait)
-            pause += 1
-            self.restarts += 1
+            await self.restarts.pause(code)
             await self._spawn()
 
     def _send(self, byte: bytes) -> None:
@@ -125,7 +140,7 @@ class WorkerProcess:
 
     def health(self) -> dict[str, Any]:
         return {"delivery": {"worker": "running" if self.running else "restarting",
-                             "pid": self.pid, "restarts": self.restarts}}
+                             "pid": self.pid, "restarts": self.restarts.count}}
 
     async def stop(self, grace: float = 20.0) -> None:
         """Close the pipe (the worker finishes what it is sending and exits); after `grace`
