@@ -16,8 +16,9 @@ from datetime import datetime
 from email.message import Message as MimeMessage
 from email.parser import BytesParser, HeaderParser
 from email.policy import compat32
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Row, select, update
 from sqlalchemy.orm import Session
 
 from handler import store
@@ -194,24 +195,26 @@ def suppress_address(session: Session, address: str, reason: str, now: datetime)
                                 SUPPRESSED_REASON, now)
 
 
-def drop_suppressed(session: Session, items: Iterable[OutboxItem]) -> list[OutboxItem]:
+def drop_suppressed(session: Session, rows: Iterable[Row[Any]]) -> list[Row[Any]]:
     """For the dispatcher, at claim time: cancel email to hard-bounced addresses and return
-    the rows that may still be sent."""
-    items = list(items)
-    addresses = {i.recipient for i in items if i.channel == "email"}
+    the claimed rows (`store.claim_due_outbox`) that may still be sent."""
+    rows = list(rows)
+    addresses = {row.recipient for row in rows if row.channel == "email"}
     if not addresses:
-        return items
+        return rows
     suppressed = set(session.scalars(select(Contact.email).where(
         Contact.email.in_(addresses), Contact.email_suppressed_at.is_not(None))))
-    keep = []
-    for item in items:
-        if item.channel == "email" and item.recipient in suppressed:
-            item.status = "cancelled"
-            item.cancel_reason = SUPPRESSED_REASON
-            item.lease_until = None
-            log.info("outbox %d cancelled: %s", item.id, SUPPRESSED_REASON)
+    if not suppressed:
+        return rows
+    keep, cancel = [], []
+    for row in rows:
+        if row.channel == "email" and row.recipient in suppressed:
+            cancel.append(row.id)
+            log.info("outbox %d cancelled: %s", row.id, SUPPRESSED_REASON)
         else:
-            keep.append(item)
+            keep.append(row)
+    session.execute(update(OutboxItem).where(OutboxItem.id.in_(cancel)).values(
+        status="cancelled", cancel_reason=SUPPRESSED_REASON, lease_until=None))
     return keep
 
 

@@ -12,8 +12,9 @@ import logging
 import re
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
 from handler import store
@@ -96,34 +97,37 @@ class SmsGate:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
-    def admit(self, session: Session, items: Sequence[OutboxItem], now: datetime
-              ) -> list[OutboxItem]:
-        """The claimed rows that may be sent now; the others are cancelled or put back."""
-        numbers = {i.recipient for i in items if i.channel == "sms"}
+    def admit(self, session: Session, rows: Sequence[Row[Any]], now: datetime
+              ) -> list[Row[Any]]:
+        """The claimed rows (`store.claim_due_outbox`) that may be sent now; the others are
+        cancelled or put back."""
+        numbers = {row.recipient for row in rows if row.channel == "sms"}
         if not numbers:
-            return list(items)
+            return list(rows)
         opted_out = set(session.scalars(select(Contact.phone).where(
             Contact.phone.in_(numbers), Contact.sms_opted_out_at.is_not(None))))
         release = release_time(now, self.quiet)
-        admitted: list[OutboxItem] = []
-        for item in items:
-            if item.channel != "sms":
-                admitted.append(item)
-            elif not _E164_RE.match(item.recipient):
-                self._cancel(session, item, "recipient is not a phone number", now)
-            elif item.recipient in opted_out:
-                self._cancel(session, item, "recipient opted out of SMS", now)
-            elif release is not None and not item.urgent:
+        admitted: list[Row[Any]] = []
+        for row in rows:
+            if row.channel != "sms":
+                admitted.append(row)
+            elif not _E164_RE.match(row.recipient):
+                self._cancel(session, row.id, "recipient is not a phone number", now)
+            elif row.recipient in opted_out:
+                self._cancel(session, row.id, "recipient opted out of SMS", now)
+            elif release is not None and not row.urgent:
+                item = _claimed(session, row.id)
                 item.status = "pending"
                 item.due_at = release
                 item.lease_until = None
                 item.attempts = max(item.attempts - 1, 0)  # this claim was not an attempt
                 log.info("outbox %d: quiet hours, held until %s", item.id, release.isoformat())
             else:
-                admitted.append(item)
+                admitted.append(row)
         return admitted
 
-    def _cancel(self, session: Session, item: OutboxItem, reason: str, now: datetime) -> None:
+    def _cancel(self, session: Session, item_id: int, reason: str, now: datetime) -> None:
+        item = _claimed(session, item_id)
         item.status = "cancelled"
         item.cancel_reason = reason
         item.lease_until = None
@@ -132,3 +136,9 @@ class SmsGate:
         store.record_event(session, "sms-cancelled", now, enquiry=enquiry, outbox=item.id,
                            outbox_kind=item.kind, reason=reason)
         log.info("outbox %d cancelled: %s", item.id, reason)
+
+
+def _claimed(session: Session, item_id: int) -> OutboxItem:
+    item = session.get(OutboxItem, item_id)
+    assert item is not None  # claimed in this very transaction
+    return item

@@ -28,7 +28,9 @@ from tests.test_restart import patient_mail, stored_ids
 MESSAGES = 1000
 CLIENTS = 20
 KILLS = 4
-DISPATCH_BATCH = 50  # Dispatcher's default batch: the most one kill can leave ambiguous
+DISPATCH_BATCH = 50
+"""The most one kill may leave ambiguous: what was sent but not yet recorded (at most
+RECORD_EVERY = 0.1 s of sends, plus the 8 in flight); generous at this test's rate."""
 
 
 def test_durability_settings_on_a_live_connection(service: Service) -> None:
