@@ -35,7 +35,7 @@ from typing import Any
 from handler.config import Settings
 from handler.inbound import InboundMessage
 from handler.service import AcceptOutcome, Intake
-from handler.worker import Restarts, settings_from_json, settings_to_json
+from handler.worker import Restarts, end_process, settings_from_json, settings_to_json
 
 log = logging.getLogger("handler.intake_worker")
 
@@ -174,16 +174,7 @@ class RemoteIntake:
                 self._writer.write_eof()
         proc = self._proc
         if proc is not None and proc.returncode is None:
-            for action in (None, proc.terminate, proc.kill):
-                if action is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        action()
-                try:
-                    await asyncio.wait_for(proc.wait(), grace)
-                    break
-                except TimeoutError:
-                    log.warning("intake worker did not stop in %.0f s", grace)
-                    grace = 5.0
+            await end_process(proc, "intake worker", grace)
         if self._supervisor is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(self._supervisor, 5)

@@ -155,16 +155,22 @@ class WorkerProcess:
             return
         assert proc.stdin is not None
         proc.stdin.close()
-        for action in (None, proc.terminate, proc.kill):
-            if action is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    action()
-            try:
-                await asyncio.wait_for(proc.wait(), grace)
-                return
-            except TimeoutError:
-                log.warning("delivery worker did not stop in %.0f s", grace)
-                grace = 5.0
+        await end_process(proc, "delivery worker", grace)
+
+
+async def end_process(proc: asyncio.subprocess.Process, what: str, grace: float) -> None:
+    """Wait `grace` seconds for a worker told to stop (its pipe closed), then SIGTERM, then
+    SIGKILL."""
+    for action in (None, proc.terminate, proc.kill):
+        if action is not None:
+            with contextlib.suppress(ProcessLookupError):
+                action()
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+            return
+        except TimeoutError:
+            log.warning("%s did not stop in %.0f s", what, grace)
+            grace = 5.0
 
 
 class _ReloadingRenderer:
