@@ -9,6 +9,7 @@ header and show injected template syntax literally. Memory is measured with trac
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import tracemalloc
 import uuid
@@ -133,6 +134,9 @@ async def outbox_settled(service: Service) -> None:
     await asyncio.sleep(0.2)
 
 
+EVALUATED_MARK = re.compile(r"(?<![0-9A-Za-z])1337(?![0-9A-Za-z@])")
+
+
 def check_outbound(sink: Sink) -> None:
     """Nothing we sent carries an injected header, a CR/LF inside a header, a rendered
     template expression, or goes back to our own mailbox."""
@@ -150,7 +154,9 @@ def check_outbound(sink: Sink) -> None:
             part.get_content() for part in parsed.walk()
             if part.get_content_maintype() == "text"]
         joined = "\n".join(texts)
-        assert "1337" not in joined, "patient text was rendered as a template"
+        # Evaluated, the mark reads "1337" on its own; random hex in Message-IDs and
+        # addresses may hold those digits too ("...f1337@example.org").
+        assert not EVALUATED_MARK.search(joined), "patient text was rendered as a template"
         literal_seen |= TEMPLATE_MARK in joined
     assert literal_seen, "the template-injection text never reached a notification literally"
 
