@@ -4,9 +4,10 @@ and the whole service running on loopback ports chosen by the OS."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
@@ -137,3 +138,19 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 10.0) -> Any
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+Start = Callable[..., Awaitable[Service]]
+
+
+@pytest.fixture
+async def start(
+    make_settings: Callable[..., Settings], sink: Sink, clock: FakeClock
+) -> AsyncIterator[Start]:
+    """Start the whole service with some settings changed; stopped after the test."""
+    async with contextlib.AsyncExitStack() as stack:
+        async def start_(**overrides: Any) -> Service:
+            settings = make_settings(relay_host="127.0.0.1", relay_port=sink.port, **overrides)
+            return await stack.enter_async_context(running(settings, clock=clock))
+
+        yield start_

@@ -8,21 +8,16 @@ Protocol behaviour does not depend on the database, so these run on SQLite only.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import select
 
-from handler.app import Service, running
-from handler.clock import FakeClock
-from handler.config import Settings
+from handler.app import Service
 from handler.db import make_sessionmaker
 from handler.models import Message
 from tests.builders import new_message_id, plain_email
-from tests.conftest import Sink
+from tests.conftest import Start
 from tests.smtp_raw import CLINIC, RawSMTP, stuff
 from tests.test_smtp_limits import (
     connect,
@@ -33,7 +28,6 @@ from tests.test_smtp_limits import (
     stored,
 )
 
-Start = Callable[..., Awaitable[Service]]
 END = b"\r\n.\r\n"
 ENVELOPE = b"MAIL FROM:<patient@example.org>\r\nRCPT TO:<" + CLINIC.encode() + b">\r\n"
 
@@ -41,18 +35,6 @@ ENVELOPE = b"MAIL FROM:<patient@example.org>\r\nRCPT TO:<" + CLINIC.encode() + b
 @pytest.fixture
 def database_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'handler.db'}"
-
-
-@pytest.fixture
-async def start(
-    make_settings: Callable[..., Settings], sink: Sink, clock: FakeClock
-) -> AsyncIterator[Start]:
-    async with contextlib.AsyncExitStack() as stack:
-        async def start_(**overrides: Any) -> Service:
-            settings = make_settings(relay_host="127.0.0.1", relay_port=sink.port, **overrides)
-            return await stack.enter_async_context(running(settings, clock=clock))
-
-        yield start_
 
 
 async def send_in_pieces(client: RawSMTP, data: bytes, cuts: list[int]) -> None:

@@ -8,13 +8,11 @@ Protocol behaviour does not depend on the database, so these run on SQLite only.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.metadata
 import re
 import ssl
 import subprocess
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +21,8 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import select
 
-from handler.app import Service, running
+from handler.app import Service
 from handler.clock import FakeClock
-from handler.config import Settings
 from handler.db import make_sessionmaker
 from handler.models import Message
 from handler.service import Intake
@@ -37,28 +34,13 @@ from handler.smtp_in import (
     start_smtp_server,
 )
 from tests.builders import new_message_id, plain_email
-from tests.conftest import ROOT, Sink, eventually
+from tests.conftest import ROOT, Sink, Start, eventually
 from tests.smtp_raw import CLINIC, RawSMTP, stuff
-
-Start = Callable[..., Awaitable[Service]]
 
 
 @pytest.fixture
 def database_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'handler.db'}"
-
-
-@pytest.fixture
-async def start(
-    make_settings: Callable[..., Settings], sink: Sink, clock: FakeClock
-) -> AsyncIterator[Start]:
-    """Start the whole service with some settings changed; stopped after the test."""
-    async with contextlib.AsyncExitStack() as stack:
-        async def start_(**overrides: Any) -> Service:
-            settings = make_settings(relay_host="127.0.0.1", relay_port=sink.port, **overrides)
-            return await stack.enter_async_context(running(settings, clock=clock))
-
-        yield start_
 
 
 async def connect(service: Service, **kwargs: Any) -> RawSMTP:
