@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, select
+from sqlalchemy import Row, case, select, update
 from sqlalchemy.orm import Session
 
 from handler import store
@@ -108,6 +108,7 @@ class SmsGate:
             Contact.phone.in_(numbers), Contact.sms_opted_out_at.is_not(None))))
         release = release_time(now, self.quiet)
         admitted: list[Row[Any]] = []
+        held: list[int] = []
         for row in rows:
             if row.channel != "sms":
                 admitted.append(row)
@@ -116,14 +117,19 @@ class SmsGate:
             elif row.recipient in opted_out:
                 self._cancel(session, row.id, "recipient opted out of SMS", now)
             elif release is not None and not row.urgent:
-                item = _claimed(session, row.id)
-                item.status = "pending"
-                item.due_at = release
-                item.lease_until = None
-                item.attempts = max(item.attempts - 1, 0)  # this claim was not an attempt
-                log.info("outbox %d: quiet hours, held until %s", item.id, release.isoformat())
+                held.append(row.id)
             else:
                 admitted.append(row)
+        if held:  # one UPDATE for the batch: a burst at night puts back hundreds at a time
+            assert release is not None
+            session.execute(
+                update(OutboxItem).where(OutboxItem.id.in_(held)).values(
+                    status="pending", due_at=release, lease_until=None,
+                    # this claim was not an attempt
+                    attempts=case((OutboxItem.attempts > 0, OutboxItem.attempts - 1), else_=0)),
+                execution_options={"synchronize_session": "fetch"})
+            log.info("%d text(s) claimed in quiet hours, held until %s (outbox %s)", len(held),
+                     release.isoformat(), _ids(held))
         return admitted
 
     def _cancel(self, session: Session, item_id: int, reason: str, now: datetime) -> None:
@@ -142,3 +148,9 @@ def _claimed(session: Session, item_id: int) -> OutboxItem:
     item = session.get(OutboxItem, item_id)
     assert item is not None  # claimed in this very transaction
     return item
+
+
+def _ids(ids: Sequence[int], shown: int = 10) -> str:
+    """A log-sized list of row ids."""
+    head = ", ".join(str(i) for i in ids[:shown])
+    return head + (f" and {len(ids) - shown} more" if len(ids) > shown else "")

@@ -291,3 +291,28 @@ async def test_what_is_not_a_twilio_form_is_refused(service: Service) -> None:
     no_sid = await post_signed(service.http_port, INBOUND, {"Body": "hello"})
     assert no_sid.status_code == 400  # signed, but no MessageSid / From
     assert count(service, Message) == 0
+
+
+async def test_texts_claimed_at_night_are_held_together_and_all_sent_in_the_morning(
+    service: Service, clock: FakeClock
+) -> None:
+    clock.set(datetime(2026, 11, 25, 23, 15, tzinfo=UTC))  # quiet hours (21:00-08:00 London)
+    senders = [f"+4477009002{n:02d}" for n in range(5)]
+    for sender in senders:
+        await text(service, BREAST, sender=sender)
+    morning = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
+
+    def all_held() -> list[OutboxItem] | None:  # claimed, then put back until the morning
+        rows = [r for r in sms_rows(service) if r.kind == "ack" and r.due_at == morning]
+        return rows if len(rows) == len(senders) else None
+
+    held = await eventually(all_held)
+    assert all(r.status == "pending" and r.attempts == 0 and r.lease_until is None
+               for r in held)
+    assert sms_files(service) == []  # nothing went out during the night
+
+    clock.set(morning + timedelta(minutes=1))
+    await eventually(lambda: len(sms_files(service)) == len(senders))
+    assert sorted(f["to"] for f in sms_files(service)) == senders
+    assert {r.status for r in sms_rows(service)} == {"sent"}
+    assert {r.attempts for r in sms_rows(service)} == {1}
