@@ -104,11 +104,14 @@ def stored_inbound(database_url: str) -> int:
     return count_rows(database_url, "SELECT count(*) FROM message WHERE direction = 'in'")
 
 
-async def measure_bare(bench: SmtpBench, load: Load) -> float:
+async def measure_bare(bench: SmtpBench, load: Load) -> tuple[float, float]:
+    """(messages per second, CPU microseconds per message) of bare aiosmtpd."""
     async with child(python_module("handler.bench_servers", "bare-smtp"),
                      log_path=bench.work / "bare-smtp.log") as proc:
+        cpu0 = proc.cpu_seconds()
         sent = await bench.generator("127.0.0.1", proc.ports["SMTP"], load)
-    return sent.accepted / sent.elapsed
+        cpu = proc.cpu_seconds() - cpu0
+    return sent.accepted / sent.elapsed, cpu * 1e6 / sent.accepted
 
 
 async def measure_service(
@@ -140,11 +143,14 @@ async def run_intake(bench: SmtpBench, report: Report) -> None:
         title = f"SMTP intake, {load.count:,} × {_size(load)}, {load.sessions} sessions"
         print(f"== {title}", flush=True)
         bare: list[float] = []
+        bare_cpu: list[float] = []
         ours: dict[str, list[float]] = {k: [] for k in bench.databases}
         cpu: dict[str, list[float]] = {k: [] for k in bench.databases}
         worker_cpu: dict[str, list[float]] = {k: [] for k in bench.databases}
         for n in range(bench.rounds):
-            bare.append(await measure_bare(bench, load))
+            rate, us = await measure_bare(bench, load)
+            bare.append(rate)
+            bare_cpu.append(us)
             line = f"  round {n + 1}: bare {bare[-1]:,.0f}"
             for kind in bench.databases:
                 rate, us, worker_us = await measure_service(bench, load, kind)
@@ -155,7 +161,8 @@ async def run_intake(bench: SmtpBench, report: Report) -> None:
                          "CPU/msg)")
             print(line + " msg/s", flush=True)
         report.add(Row(title, "bare aiosmtpd (handle_DATA answers 250)", "msg/s",
-                       Figure(tuple(bare)), ratio=ratios(bare, bare)))
+                       Figure(tuple(bare)), ratio=ratios(bare, bare),
+                       note=f"CPU per message: {statistics.median(bare_cpu):,.0f} µs"))
         for kind in bench.databases:
             r = ratios(ours[kind], bare)
             report.add(Row(title, f"handler serve, {_db_name(kind)}", "msg/s",
