@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -191,32 +192,82 @@ async def _serve_parent(settings: Settings, reader: asyncio.StreamReader,
 
     clock = SystemClock()
     async with app.intake_alone(settings, clock=clock) as (intake, rules):
-        tasks: set[asyncio.Task[None]] = set()
         writer.write(_frame(("ready",)))
-
-        async def answer(ident: int, msg: InboundMessage) -> None:
-            try:
-                reply: tuple[int, AcceptOutcome | None, str] = (
-                    ident, await intake.accept(msg), "")
-            except Exception as exc:
-                reply = (ident, None, f"{type(exc).__name__}: {exc}"[:500])
-            writer.write(_frame(reply))
-
+        replies = _Replies(writer)
+        buffer = bytearray()
         while True:
+            # Every frame that has arrived, in one read: no task or future per message.
             try:
-                request = await _read_frame(reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
+                chunk = await reader.read(_READ_BYTES)
+            except ConnectionError:
                 break
-            if request[0] == "accept":
-                task = asyncio.create_task(answer(request[1], request[2]))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            elif request[0] == "reload":
-                await asyncio.to_thread(rules.reload, clock.now())
-        if tasks:
-            await asyncio.wait(tasks, timeout=15)
+            if not chunk:
+                break
+            buffer += chunk
+            offset = 0
+            while len(buffer) - offset >= _HEADER.size:
+                (size,) = _HEADER.unpack_from(buffer, offset)
+                end = offset + _HEADER.size + size
+                if end > len(buffer):
+                    break
+                # frames come from our own processes
+                request = pickle.loads(memoryview(buffer)[offset + _HEADER.size:end])
+                offset = end
+                if request[0] == "accept":
+                    replies.submit(intake, request[1], request[2])
+                elif request[0] == "reload":
+                    await asyncio.to_thread(rules.reload, clock.now())
+            del buffer[:offset]
+        with contextlib.suppress(TimeoutError):  # answer what we hold (the senders wait)
+            await asyncio.wait_for(replies.wait_all(), 15)
+        replies.flush()
         with contextlib.suppress(ConnectionError):
             await writer.drain()
+
+
+_READ_BYTES = 256 * 1024
+
+
+class _Replies:
+    """Answers to the service, written once per group commit (one write, not one per
+    message), and a count of the messages still waiting for theirs."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._frames: list[bytes] = []
+        self._outstanding = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def submit(self, intake: Intake, ident: int, msg: InboundMessage) -> None:
+        self._outstanding += 1
+        self._idle.clear()
+        done = functools.partial(self._done, ident)
+        try:
+            intake.submit(msg, done)
+        except Exception as exc:
+            done(exc)
+
+    def _done(self, ident: int, result: AcceptOutcome | BaseException) -> None:
+        reply: tuple[int, AcceptOutcome | None, str]
+        if isinstance(result, BaseException):
+            reply = (ident, None, f"{type(result).__name__}: {result}"[:500])
+        else:
+            reply = (ident, result, "")
+        if not self._frames:  # the first answer of this round: write them all soon after
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._frames.append(_frame(reply))
+        self._outstanding -= 1
+        if not self._outstanding:
+            self._idle.set()
+
+    def flush(self) -> None:
+        frames, self._frames = self._frames, []
+        if frames and not self._writer.is_closing():
+            self._writer.write(b"".join(frames))
+
+    async def wait_all(self) -> None:
+        await self._idle.wait()
 
 
 async def _main() -> None:

@@ -59,10 +59,14 @@ class Interceptor(Protocol):
     ) -> AcceptOutcome | None: ...
 
 
+Done = Callable[[AcceptOutcome | BaseException], None]
+"""Called on the event loop with a submitted message's outcome, once."""
+
+
 @dataclass(slots=True)
 class _Pending:
     msg: InboundMessage
-    future: asyncio.Future[AcceptOutcome]
+    done: Done
 
 
 class Intake:
@@ -103,17 +107,32 @@ class Intake:
         self._writer = None
         while not self._queue.empty():
             pending = self._queue.get_nowait()
-            if pending is not None and not pending.future.done():
-                pending.future.set_exception(RuntimeError("service is shutting down"))
+            if pending is not None:
+                pending.done(RuntimeError("service is shutting down"))
         self._queue = None  # later callers get an error (SMTP 451), not a wait for no one
 
     async def accept(self, msg: InboundMessage) -> AcceptOutcome:
         """Durably record `msg`; raises when it could not be stored (caller answers 4xx/5xx)."""
+        future: asyncio.Future[AcceptOutcome] = asyncio.get_running_loop().create_future()
+
+        def done(result: AcceptOutcome | BaseException) -> None:
+            if future.done():  # the caller went away (cancelled)
+                return
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+        self.submit(msg, done)
+        return await future
+
+    def submit(self, msg: InboundMessage, done: Done) -> None:
+        """`accept` without a future or task per message (the intake worker process hands
+        over messages as they come off its socket): `done` gets the outcome, called on the
+        event loop after the commit."""
         if self._queue is None:
             raise RuntimeError("Intake.start() was not called")
-        future: asyncio.Future[AcceptOutcome] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(msg, future))
-        return await future
+        self._queue.put_nowait(_Pending(msg, done))  # unbounded: never waits
 
     async def _write_loop(self) -> None:
         assert self._queue is not None
@@ -137,13 +156,12 @@ class Intake:
                 results = [exc] * len(batch)
             queued = 0
             for pending, result in zip(batch, results, strict=True):
-                if pending.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    pending.future.set_exception(result)
-                else:
+                if not isinstance(result, BaseException):
                     queued += result.queued
-                    pending.future.set_result(result)
+                try:
+                    pending.done(result)
+                except Exception:  # one caller's callback must not lose the others' answers
+                    log.exception("intake: answering a sender failed")
             if queued:
                 self._on_queued()
 
