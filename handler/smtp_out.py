@@ -9,9 +9,12 @@ address (a relay without it cannot take that mail), BODY=8BITMIME when offered.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 import aiosmtplib
+from aiosmtplib.email import quote_address
+from aiosmtplib.typing import SMTPStatus
 
 from handler.transports import SendResult
 
@@ -49,7 +52,12 @@ class RelayTransport:
         """One mail transaction, MAIL, RCPT and DATA called one by one. `sendmail` would parse
         both addresses twice and rewrite the whole message once more just to measure it for
         SIZE (a quarter of the client's CPU per message); our messages already have CRLF line
-        endings (`ComposedEmail.data`), so their length is their size."""
+        endings (`ComposedEmail.data`), so their length is their size.
+
+        MAIL and RCPT go through `execute_command` with the addresses quoted once per address
+        (aiosmtplib's `mail`/`rcpt` parse them again on every call, ~15 µs each), and one
+        `asyncio.timeout` moved on at each step replaces a `wait_for` per reply: the relay
+        still has `timeout` seconds for each reply."""
         utf8 = not (sender.isascii() and recipient.isascii())
         encoding = "utf-8" if utf8 else "ascii"
         client = await self._idle.get()
@@ -60,14 +68,27 @@ class RelayTransport:
                 # a non-ASCII address needs SMTPUTF8, which this relay lacks: retrying won't help
                 return SendResult.permanent(
                     "relay cannot send to this address: SMTPUTF8 is not supported by this server")
-            options = [f"SIZE={len(message)}"] if client.supports_extension("size") else []
+            options = [f"SIZE={len(message)}".encode()] if client.supports_extension("size") else []
             if utf8:
-                options.append("SMTPUTF8")
+                options.append(b"SMTPUTF8")
             if client.supports_extension("8BITMIME"):
-                options.append("BODY=8BITMIME")
-            await client.mail(sender, options=options, encoding=encoding)
-            await client.rcpt(recipient, encoding=encoding)
-            response = await client.data(message)
+                options.append(b"BODY=8BITMIME")
+            mail_from = b"FROM:" + _quoted(sender, encoding)
+            rcpt_to = b"TO:" + _quoted(recipient, encoding)
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout_at(loop.time() + self._timeout) as deadline:
+                response = await client.execute_command(b"MAIL", mail_from, *options,
+                                                        timeout=None)
+                if response.code != SMTPStatus.completed:
+                    raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
+                deadline.reschedule(loop.time() + self._timeout)
+                response = await client.execute_command(b"RCPT", rcpt_to, timeout=None)
+                if response.code not in (SMTPStatus.completed, SMTPStatus.will_forward):
+                    raise aiosmtplib.SMTPRecipientRefused(response.code, response.message,
+                                                          recipient)
+                # DATA waits twice (354, then 250): its whole exchange gets two timeouts' time
+                deadline.reschedule(loop.time() + 2 * self._timeout)
+                response = await client.data(message, timeout=None)
             return SendResult.ok(response.message.strip() or "250")
         except aiosmtplib.SMTPResponseException as exc:  # refused sender or recipient, DATA
             client = await _reset(client)
@@ -75,7 +96,14 @@ class RelayTransport:
         except ValueError:  # an address no SMTP command line can carry (aiosmtplib checks)
             client = await _reset(client)
             raise
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+        except TimeoutError as exc:
+            # a reply may still be on its way: the connection cannot be trusted to pair the
+            # next reply with its command, so it is dropped (no QUIT)
+            if client is not None:
+                client.close()
+            client = None
+            return SendResult.temporary(f"relay unavailable: {type(exc).__name__}: {exc}")
+        except (aiosmtplib.SMTPException, OSError) as exc:
             client = await _close(client)
             return SendResult.temporary(f"relay unavailable: {type(exc).__name__}: {exc}")
         finally:
@@ -91,6 +119,13 @@ def _classify(code: int, text: str) -> SendResult:
     if 400 <= code < 500:
         return SendResult.temporary(detail, str(code))
     return SendResult.permanent(detail, str(code))
+
+
+@functools.lru_cache(maxsize=1024)
+def _quoted(address: str, encoding: str) -> bytes:
+    """`<address>` as MAIL and RCPT carry it, parsed and checked by aiosmtplib (ValueError for
+    an address no command line can carry); the same few addresses come back all the time."""
+    return quote_address(address).encode(encoding)
 
 
 async def _reset(client: aiosmtplib.SMTP | None) -> aiosmtplib.SMTP | None:
