@@ -267,9 +267,15 @@ class EarlierEnquiries:
                                  (("at least", minimum), ("at most", maximum)) if bound is not None)
         return EarlierEnquiries(minimum or 0, maximum, wants)
 
+    @property
+    def counts_needed(self) -> int:
+        """Counting stops here: every larger count gives this condition's answer for it."""
+        return max(self.minimum, self.maximum or 0) + 1
+
     def evaluate(self, v: MessageView) -> Result:
         n = v.facts.earlier_enquiries
-        said = f"contact has {n} earlier enquir{'y' if n == 1 else 'ies'}"
+        at_least = "at least " if v.facts.earlier_enquiries_at_least else ""
+        said = f"contact has {at_least}{n} earlier enquir{'y' if n == 1 else 'ies'}"
         if n >= self.minimum and (self.maximum is None or n <= self.maximum):
             return True, (said,)
         return False, (f"{said}, rule wants {self.wants}",)
@@ -349,3 +355,14 @@ class Not:
     def evaluate(self, v: MessageView) -> Result:
         ok, said = self.child.evaluate(v)
         return not ok, (f"not [{'; '.join(said)}]",)
+
+
+def earlier_enquiries_needed(condition: Condition) -> int:
+    """How far earlier enquiries must be counted for `condition` to be decided exactly."""
+    if isinstance(condition, EarlierEnquiries):
+        return condition.counts_needed
+    if isinstance(condition, AllOf | AnyOf):
+        return max((earlier_enquiries_needed(c) for c in condition.children), default=0)
+    if isinstance(condition, Not):
+        return earlier_enquiries_needed(condition.child)
+    return 0

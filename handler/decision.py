@@ -15,7 +15,10 @@ class Facts:
     is_reply: bool = False
     """The message belongs to an existing enquiry (thread headers, or SMS from an open number)."""
     earlier_enquiries: int = 0
-    """How many enquiries this contact opened before this message."""
+    """How many enquiries this contact opened before this message (see the next field)."""
+    earlier_enquiries_at_least: bool = False
+    """The count stopped at `RuleSet.earlier_enquiries_cap`: there may be more, and no rule
+    can tell them apart (counting a referrer's thousands of enquiries cost ~1 ms a message)."""
     acks_last_24h: int = 0
     """Automatic acknowledgements already sent to this sender in the rate-limit window."""
     sms_opted_out: bool = False

@@ -95,6 +95,11 @@ class Rule:
     """Words at least one of which must occur for the rule to match (see `gate_of`)."""
 
 
+EARLIER_ENQUIRIES_COUNTED = 10
+"""A sender's earlier enquiries are counted at least this far (shown in traces), further
+when a rule's `earlier_enquiries` needs it."""
+
+
 @dataclass(frozen=True)
 class RuleSet:
     version: str
@@ -109,6 +114,8 @@ class RuleSet:
     tests: tuple[RuleTest, ...] = ()
     templates_used: set[str] = field(default_factory=set)
     files: tuple[Path, ...] = ()
+    earlier_enquiries_cap: int = EARLIER_ENQUIRIES_COUNTED
+    """Intake counts a sender's earlier enquiries up to here (see `Facts`)."""
 
     def rule(self, name: str) -> Rule | None:
         return next((rule for rule in self.rules if rule.name == name), None)
@@ -207,6 +214,8 @@ class _Compiler:
             plans={channel: plan_channel(rules, channel) for channel in CHANNELS},
             calendars=self.calendars,
             tests=tuple(tests), templates_used=self.actions.templates_used,
+            earlier_enquiries_cap=max([EARLIER_ENQUIRIES_COUNTED, *(
+                c.earlier_enquiries_needed(rule.condition) for rule in rules)]),
         )
 
     # --- calendars and teams -------------------------------------------------------------

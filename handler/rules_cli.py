@@ -140,7 +140,8 @@ def route_dry_run(msg: InboundMessage, ruleset: RuleSet, facts: Facts, now: date
     lines = [
         f"Message: {msg.channel.value}, {len(msg.text)} characters, "
         f"{len(msg.attachments)} attachment(s); new enquiry: {not facts.is_reply}, "
-        f"earlier enquiries: {facts.earlier_enquiries}; at {now.isoformat()}",
+        f"earlier enquiries: {'at least ' if facts.earlier_enquiries_at_least else ''}"
+        f"{facts.earlier_enquiries}; at {now.isoformat()}",
         f"Decision (rules {ruleset.version}):",
         *format_decision(decision),
         f"Trace ({len(decision.trace)} of {len(ruleset.rules)} rules considered, in order):",

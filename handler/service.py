@@ -208,7 +208,9 @@ class Intake:
 
     def record(self, session: Session, msg: InboundMessage, now: datetime) -> AcceptOutcome:
         settings = self._settings
-        known = store.look_up(session, msg, since=now - self._ack_window)
+        ruleset = self._ruleset()
+        known = store.look_up(session, msg, since=now - self._ack_window,
+                              earlier_cap=ruleset.earlier_enquiries_cap)
         if known.stored_id is not None:
             return _duplicate(session.get_one(Message, known.stored_id))
         for intercept in self.interceptors:  # those that let a message through write nothing
@@ -221,8 +223,7 @@ class Intake:
             contact = store.Created(known.contact_id)
         thread = store.find_thread(session, msg, contact, now=now,
                                    sms_thread_days=settings.sms_thread_days)
-        facts = store.gather_facts(known, thread)
-        ruleset = self._ruleset()
+        facts = store.gather_facts(known, thread, earlier_cap=ruleset.earlier_enquiries_cap)
         decision = classify(msg, ruleset, facts, now)
         auto_reason = guards.auto_reply_reason(msg, is_own_message=known.own_message_id)
         if contact is None:

@@ -244,8 +244,11 @@ def _known_statement(contact_column: Column[Any], *, email: bool) -> Executable:
         _INBOUND.scalar_subquery(),
         _contact.c.id, _contact.c.name != "", _contact.c.sms_opted_out_at.is_not(None),
         _contact.c.email_suppressed_at.is_not(None),
-        select(func.count()).select_from(_enquiry).where(
-            _enquiry.c.contact_id == _contact.c.id).scalar_subquery(),
+        # counted up to :earlier_cap only: a referrer with thousands of enquiries would
+        # otherwise cost a scan of all of them per message (~1 ms at 5,000 on PostgreSQL)
+        select(func.count()).select_from(
+            select(_enquiry.c.id).where(_enquiry.c.contact_id == _contact.c.id)
+            .limit(bindparam("earlier_cap")).subquery()).scalar_subquery(),
         select(func.count()).select_from(_outbox).where(
             _outbox.c.recipient == bindparam("sender"), _outbox.c.kind == "ack",
             # a failed (bounced, refused) acknowledgement never arrived: it does not count
@@ -260,7 +263,7 @@ def _known_statement(contact_column: Column[Any], *, email: bool) -> Executable:
         one_row.outerjoin(_contact, contact_column == bindparam("sender")))
 
 
-_LOOK_UP_PARAMS = ("channel", "external_id", "sender", "since")
+_LOOK_UP_PARAMS = ("channel", "external_id", "sender", "since", "earlier_cap")
 _KNOWN_EMAIL = _Raw(_known_statement(_contact.c.email, email=True), _LOOK_UP_PARAMS)
 _KNOWN_SMS = _Raw(_known_statement(_contact.c.phone, email=False), _LOOK_UP_PARAMS)
 
@@ -440,30 +443,34 @@ class Known:
     sms_opted_out: bool
     email_suppressed: bool
     earlier_enquiries: int
+    """Counted up to the cap given to `look_up`."""
     acks: int
     """Acknowledgements sent to the sender inside the window (failed ones don't count)."""
     own_message_id: bool
     """Its Message-ID is one of ours (email)."""
 
 
-def look_up(session: Session, msg: InboundMessage, *, since: datetime) -> Known:
-    """One query (see `_known_statement`); `since` starts the acknowledgement window."""
+def look_up(session: Session, msg: InboundMessage, *, since: datetime,
+            earlier_cap: int) -> Known:
+    """One query (see `_known_statement`); `since` starts the acknowledgement window;
+    earlier enquiries are counted up to `earlier_cap`."""
     email = msg.channel is Channel.EMAIL
     if session.autoflush:  # as an ORM query would: changed objects first
         session.flush()
     row = (_KNOWN_EMAIL if email else _KNOWN_SMS).execute(session, {
         "channel": msg.channel.value, "external_id": msg.external_id, "sender": msg.sender,
-        "since": since}).fetchone()
+        "since": since, "earlier_cap": earlier_cap}).fetchone()
     return Known(row[0], row[1], bool(row[2]), bool(row[3]), bool(row[4]), int(row[5] or 0),
                  int(row[6] or 0), bool(row[7]) if email else False)
 
 
-def gather_facts(known: Known, thread: Thread) -> Facts:
+def gather_facts(known: Known, thread: Thread, *, earlier_cap: int) -> Facts:
     if known.contact_id is None:
         return Facts(is_reply=thread.enquiry is not None)
     return Facts(
         is_reply=thread.enquiry is not None,
         earlier_enquiries=known.earlier_enquiries,
+        earlier_enquiries_at_least=known.earlier_enquiries >= earlier_cap,
         acks_last_24h=known.acks,
         sms_opted_out=known.sms_opted_out,
         email_suppressed=known.email_suppressed,

@@ -47,7 +47,7 @@ def test_rows_written_on_the_cursor_read_back_as_written(service: Service) -> No
                              domain="clinic.example", contact=contact,
                              context={"references": ["a", "b"], "n": 1})
         store.record_event(session, "fast-path", NOW, contact=contact, note="é", n=[1, 2])
-        known = store.look_up(session, msg, since=NOW - timedelta(days=1))
+        known = store.look_up(session, msg, since=NOW - timedelta(days=1), earlier_cap=10)
     assert known.stored_id == message_id and known.contact_id == contact.id
     assert known.contact_named and known.acks == 1 and not known.own_message_id
 
