@@ -68,6 +68,11 @@ _MARK_SENT = (
             rendered=bindparam("rendered_", type_=_outbox.c.rendered.type),
             sent_at=bindparam("sent_at_", type_=_outbox.c.sent_at.type),
             lease_until=None, last_error=""))
+_MARK_TEXT_SENT = _MARK_SENT.values(
+    # as sms_policy.after_send: a status callback that came first keeps its status
+    delivery_status=func.coalesce(
+        func.nullif(_outbox.c.delivery_status, ""),
+        bindparam("delivery_status_", type_=_outbox.c.delivery_status.type)))
 
 
 class Renderer(Protocol):
@@ -120,6 +125,7 @@ class Dispatcher:
         self._clock = clock
         self._settings = settings
         self._sms_gate = sms_policy.SmsGate.from_settings(settings)  # opt-outs and quiet hours
+        self._status_callback = settings.public_url.rstrip("/") + "/sms/twilio/status"
         self._batch_size = batch_size
         self._concurrency = concurrency
         self._limit = asyncio.Semaphore(concurrency)
@@ -290,10 +296,9 @@ class Dispatcher:
             try:
                 if job.channel == "sms":
                     body = self._templates.render_sms(job.template, job.row_context)
-                    callback = self._settings.public_url.rstrip("/") + "/sms/twilio/status"
                     result = await self._sms.send(SmsRequest(
                         to=job.recipient, body=body, idempotency_key=job.message_id,
-                        status_callback=callback))
+                        status_callback=self._status_callback))
                     return Sent(job, result, {"body": body})
                 rendered = self._templates.render_email(job.template, job.row_context)
                 message = self._compose(job, rendered)
@@ -325,37 +330,45 @@ class Dispatcher:
     # --- record (worker thread) ---------------------------------------------------------------
 
     def _record(self, results: list[Sent]) -> None:
-        """Emails the relay took are marked sent with one executemany; failures and texts (SMS
-        policy, events, backoff) go through `_apply` on the rows loaded as objects."""
+        """Sends the transport took are marked sent with one executemany per channel (a text
+        also gets its delivery status, unless a status callback set one first); failures
+        (SMS policy, events, backoff) go through `_apply` on the rows loaded as objects."""
         now = self._clock.now()
-        sent = [r for r in results if r.result.outcome is Outcome.OK and r.job.channel == "email"]
-        others = {r.job.id: r for r in results
-                  if r.result.outcome is not Outcome.OK or r.job.channel != "email"}
+        emails: list[dict[str, Any]] = []
+        texts: list[dict[str, Any]] = []
+        failed: dict[int, Sent] = {}
+        for r in results:
+            result = r.result
+            if result.outcome is not Outcome.OK:
+                failed[r.job.id] = r
+                continue
+            values = {"id_": r.job.id, "provider_id_": result.provider_id[:255],
+                      "rendered_": r.rendered, "sent_at_": now}
+            if r.job.channel == "sms":
+                values["delivery_status_"] = result.status or "sent"
+                texts.append(values)
+            else:
+                emails.append(values)
         with self._sessions() as session, session.begin():
-            if sent:
-                session.connection().execute(_MARK_SENT, [
-                    {"id_": r.job.id, "provider_id_": r.result.provider_id[:255],
-                     "rendered_": r.rendered, "sent_at_": now} for r in sent])
-            if others:
-                for item in session.scalars(select(OutboxItem).where(OutboxItem.id.in_(others))):
-                    self._apply(session, item, others[item.id], now)
-        for r in sent:
-            log.info("outbox %d sent (%s %s, attempt %d)", r.job.id, r.job.kind, r.job.channel,
-                     r.job.attempts)
+            connection = session.connection()
+            if emails:
+                connection.execute(_MARK_SENT, emails)
+            if texts:
+                connection.execute(_MARK_TEXT_SENT, texts)
+            if failed:
+                for item in session.scalars(select(OutboxItem).where(OutboxItem.id.in_(failed))):
+                    self._apply(session, item, failed[item.id], now)
+        for r in results:
+            if r.result.outcome is Outcome.OK:
+                log.info("outbox %d sent (%s %s, attempt %d)", r.job.id, r.job.kind,
+                         r.job.channel, r.job.attempts)
 
     def _apply(self, session: Session, item: OutboxItem, sent: Sent, now: datetime) -> None:
+        """A failed send: backoff, or failed for good with an event."""
         result = sent.result
-        sms_policy.after_send(session, item, result, now)  # delivery status; 21610 = opted out
+        assert result.outcome is not Outcome.OK  # those are marked sent by `_record`
+        sms_policy.after_send(session, item, result, now)  # 21610 = opted out
         item.lease_until = None
-        if result.outcome is Outcome.OK:
-            item.status = "sent"
-            item.provider_id = result.provider_id[:255]
-            item.rendered = sent.rendered
-            item.sent_at = now
-            item.last_error = ""
-            log.info("outbox %d sent (%s %s, attempt %d)", item.id, item.kind, item.channel,
-                     item.attempts)
-            return
         item.last_error = result.error[:2000]
         item.error_code = result.code[:32]
         if result.outcome is Outcome.TEMPORARY and item.attempts < self._settings.max_attempts:

@@ -37,6 +37,8 @@ class ApiHttpClient(AsyncHttpClient):
         super().__init__(_SDK_LOG, True, timeout)
         self._base = urlsplit(base_url.rstrip("/")) if base_url else None
         self._session: aiohttp.ClientSession | None = None
+        self._auth: tuple[str, str] | None = None
+        self._auth_header = ""
 
     def rewrite(self, url: str) -> str:
         if self._base is None:
@@ -55,13 +57,19 @@ class ApiHttpClient(AsyncHttpClient):
             self._session = aiohttp.ClientSession()
         sent = dict(headers or {})
         if auth is not None:
-            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode("ascii")
-            sent["Authorization"] = f"Basic {token}"
+            sent["Authorization"] = self._authorization(auth)
         limit = aiohttp.ClientTimeout(total=timeout or self.timeout)
         async with self._session.request(
                 method.upper(), self.rewrite(url), params=params, data=data,  # type: ignore[arg-type]
                 headers=sent, timeout=limit, allow_redirects=allow_redirects) as response:
             return Response(response.status, await response.text(), response.headers)
+
+    def _authorization(self, auth: tuple[str, str]) -> str:
+        """The Basic header for these credentials, encoded once rather than per text."""
+        if self._auth != auth:
+            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode("ascii")
+            self._auth, self._auth_header = auth, f"Basic {token}"
+        return self._auth_header
 
     async def close(self) -> None:
         if self._session is not None:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import mailbox
+import os
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -98,23 +99,99 @@ class MaildirTransport:
 
 
 class FileSmsTransport:
-    """Embedded default: every outbound SMS becomes a JSON file in a local folder."""
+    """Embedded default: every outbound SMS becomes a JSON file in a local folder, named by
+    its idempotency key (a resend overwrites the same file).
+
+    Files are written off the event loop, but the texts that arrive while one group is being
+    written go together in the next one: one thread hand-off and one log line per group
+    rather than per text. A send returns only once its own file is written."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.description = f"local folder {path}"
         path.mkdir(parents=True, exist_ok=True)
+        self._queue: list[tuple[str, bytes, asyncio.Future[SendResult]]] = []
+        self._writing = False  # a group is on its way to (or in) a worker thread
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def send(self, request: SmsRequest) -> SendResult:
         name = f"{request.idempotency_key}.json"
         payload = {"to": request.to, "body": request.body, "key": request.idempotency_key}
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a group still pending on a closed loop never finishes
+            self._queue, self._writing, self._loop = [], False, loop
+        done: asyncio.Future[SendResult] = loop.create_future()
+        self._queue.append((name, json.dumps(payload, ensure_ascii=False).encode(), done))
+        if not self._writing:
+            self._writing = True
+            loop.call_soon(self._write_queued, loop)  # sends started this turn join the group
+        return await done
+
+    def _write_queued(self, loop: asyncio.AbstractEventLoop) -> None:
+        group, self._queue = self._queue, []
         try:
-            await asyncio.to_thread(
-                (self.path / name).write_text, json.dumps(payload, ensure_ascii=False), "utf-8")
-        except OSError as exc:
-            return SendResult.temporary(f"sms folder write failed: {exc.strerror}")
-        log.info("sms written to %s/ (no Twilio credentials: nothing was sent)", self.path)
-        return SendResult.ok(f"file:{name}", status="written")
+            writing = loop.run_in_executor(
+                None, self._write_files, [(name, data) for name, data, _ in group])
+        except Exception as exc:  # no executor (shutting down): these sends fail, not hang
+            self._writing = False
+            for _, _, done in group:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        writing.add_done_callback(lambda future: self._written(loop, group, future))
+
+    def _written(self, loop: asyncio.AbstractEventLoop,
+                 group: list[tuple[str, bytes, asyncio.Future[SendResult]]],
+                 writing: asyncio.Future[list[SendResult | Exception]]) -> None:
+        results = None if writing.cancelled() or writing.exception() else writing.result()
+        written = 0
+        for i, (_, _, done) in enumerate(group):
+            if done.done():
+                continue  # its sender was cancelled; the file may still have been written
+            if results is not None:
+                result = results[i]
+                if isinstance(result, Exception):
+                    done.set_exception(result)
+                else:
+                    done.set_result(result)
+                    written += result.outcome is Outcome.OK
+            elif writing.cancelled():
+                done.cancel()
+            else:
+                done.set_exception(writing.exception() or RuntimeError("sms folder write"))
+        if written:
+            log.info("%d sms written to %s/ (no Twilio credentials: nothing was sent)",
+                     written, self.path)
+        if self._queue:
+            self._write_queued(loop)
+        else:
+            self._writing = False
+
+    def _write_files(self, files: list[tuple[str, bytes]]) -> list[SendResult | Exception]:
+        """Worker thread: each file in turn; one that cannot be written fails on its own (an
+        error other than OSError is raised to its sender alone)."""
+        results: list[SendResult | Exception] = []
+        for name, data in files:
+            try:
+                _write_file(self.path / name, data)
+            except OSError as exc:
+                results.append(SendResult.temporary(f"sms folder write failed: {exc.strerror}"))
+            except Exception as exc:
+                results.append(exc)
+            else:
+                results.append(SendResult.ok(f"file:{name}", status="written"))
+        return results
 
     async def close(self) -> None:
         return None
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """`path.write_bytes(data)` without the buffered file object around two system calls."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
