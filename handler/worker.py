@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any, get_type_hints
 
 from handler.config import ConfigError, Settings, convert_setting
@@ -38,11 +38,33 @@ log = logging.getLogger("handler.worker")
 WAKE = b"w"
 RELOAD = b"r"
 WAKE_DELAY = 0.05
-"""Seconds the worker gathers wake-ups before it looks: under a steady stream of intake
-commits (each sends one) a claim then takes the rows of several commits, rather than a
-claim, a record and their two fsyncs for every few rows."""
+"""At most one wake-up of the dispatcher per this many seconds (see `WakeGate`)."""
 RESTART_PAUSES = (1.0, 2.0, 5.0, 10.0, 30.0)
 """Pause before restarting a worker that died; a worker that ran for a minute starts over."""
+
+
+@dataclass(slots=True)
+class WakeGate:
+    """When to wake the dispatcher after a commit: the first commit after a quiet spell
+    wakes it at once (a lone enquiry's reply is not held back); under a stream of commits
+    (each wakes) the wake-ups of `interval` seconds are gathered into one, so a claim takes
+    the rows of several commits rather than a claim, a record and their two fsyncs for
+    every few rows. Times are the caller's clock (the event loop's)."""
+
+    interval: float = WAKE_DELAY
+    last: float = float("-inf")
+    scheduled: bool = False
+
+    def request(self, now: float) -> float | None:
+        """Seconds until the wake-up (0: now), or None when one is already scheduled."""
+        if self.scheduled:
+            return None
+        self.scheduled = True
+        return max(0.0, self.last + self.interval - now)
+
+    def woke(self, now: float) -> None:
+        self.scheduled = False
+        self.last = now
 
 
 class Restarts:
@@ -222,11 +244,13 @@ async def deliver(settings: Settings, *, control_fd: int | None) -> None:
             delivery.tasks.add(asyncio.create_task(
                 asyncio.to_thread(delivery.rules.reload, clock.now())))
 
+        gate = WakeGate()
         waking: asyncio.TimerHandle | None = None
 
         def wake() -> None:
             nonlocal waking
             waking = None
+            gate.woke(loop.time())
             delivery.ticker.wake()
 
         def on_control() -> None:
@@ -242,8 +266,11 @@ async def deliver(settings: Settings, *, control_fd: int | None) -> None:
                 return
             if RELOAD in data:
                 reload()
-            if waking is None:
-                waking = loop.call_later(WAKE_DELAY, wake)
+            delay = gate.request(loop.time())
+            if delay == 0:
+                wake()
+            elif delay is not None:
+                waking = loop.call_later(delay, wake)
 
         if control_fd is not None:
             os.set_blocking(control_fd, False)

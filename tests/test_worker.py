@@ -13,11 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiosmtplib
+import pytest
 from sqlalchemy import create_engine, select
 
 from handler.config import Settings
 from handler.models import Message
-from handler.worker import settings_from_json, settings_to_json
+from handler.worker import WakeGate, settings_from_json, settings_to_json
 from tests.conftest import CLINIC, ROOT, Sink, eventually
 from tests.procs import ServiceProcess, service_env
 from tests.test_e2e_email import enquiry_email
@@ -166,3 +167,14 @@ def _alive(pid: int) -> bool:
         return stat.read().split(")")[-1].split()[0] != "Z"
 
 
+
+
+def test_wake_gate_wakes_a_lone_commit_at_once_and_gathers_a_stream() -> None:
+    gate = WakeGate(interval=0.05)
+    assert gate.request(10.0) == 0  # quiet until now: at once
+    gate.woke(10.0)
+    assert gate.request(10.01) == pytest.approx(0.04)  # a stream: the rest of the interval
+    assert gate.request(10.02) is None  # already scheduled: gathered into that one
+    assert gate.request(10.03) is None
+    gate.woke(10.05)
+    assert gate.request(10.2) == 0  # quiet again for longer than the interval
