@@ -69,7 +69,7 @@ _MARK_SENT = (
             sent_at=bindparam("sent_at_", type_=_outbox.c.sent_at.type),
             lease_until=None, last_error=""))
 _MARK_TEXT_SENT = _MARK_SENT.values(
-    # as sms_policy.after_send: a status callback that came first keeps its status
+    # a status callback that came first keeps its status; else the provider's, or "sent"
     delivery_status=func.coalesce(
         func.nullif(_outbox.c.delivery_status, ""),
         bindparam("delivery_status_", type_=_outbox.c.delivery_status.type)))

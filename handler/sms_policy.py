@@ -72,11 +72,9 @@ def opt_in(
 
 
 def after_send(session: Session, item: OutboxItem, result: SendResult, now: datetime) -> None:
-    """Consequences of one SMS send beyond the row itself (called by the dispatcher)."""
-    if item.channel != "sms":
-        return
-    if result.outcome is Outcome.OK:
-        item.delivery_status = item.delivery_status or result.status or "sent"
+    """Consequences of one failed SMS send beyond the row itself (called by the dispatcher;
+    texts that went out are marked sent, with their delivery status, in one UPDATE there)."""
+    if item.channel != "sms" or result.outcome is Outcome.OK:
         return
     if result.code == OPTED_OUT_CODE:
         contact = contact_for_number(session, item.recipient, now)
