@@ -50,13 +50,15 @@ _BATCH = (
            _enquiry.c.team, _enquiry.c.subject, _enquiry.c.channel, _enquiry.c.created_at,
            _enquiry.c.status, _enquiry.c.tags, _enquiry.c.rule,
            _contact.c.name.label("contact_name"), _contact.c.email.label("contact_email"),
-           _contact.c.phone.label("contact_phone"),
-           _message.c.id.label("message_id"), _message.c.subject.label("message_subject"),
-           _message.c.text.label("message_text"))
-    .select_from(_enquiry.outerjoin(_contact, _contact.c.id == _enquiry.c.contact_id)
-                 .outerjoin(_message, _message.c.id == _LATEST_INBOUND))
+           _contact.c.phone.label("contact_phone"), _LATEST_INBOUND.label("message_id"))
+    .select_from(_enquiry.outerjoin(_contact, _contact.c.id == _enquiry.c.contact_id))
     .where(_enquiry.c.id.in_(bindparam("ids", expanding=True))))
-"""Each enquiry of a claimed batch with its contact and its latest inbound message."""
+"""Each enquiry of a claimed batch with its contact and the id of its latest inbound message.
+(Joining the message on that id in the same query made PostgreSQL hash the whole message
+table at every claim: the join condition is a subquery, so no index could serve it.)"""
+_MESSAGES = (
+    select(_message.c.id, _message.c.subject, _message.c.text)
+    .where(_message.c.id.in_(bindparam("ids", expanding=True))))
 _ATTACHMENTS = (
     select(_attachment.c.message_id, _attachment.c.filename, _attachment.c.content_type,
            _attachment.c.size)
@@ -406,18 +408,21 @@ def _read_enquiries(connection: Connection, rows: list[Row[Any]], ruleset: RuleS
         return {}
     enquiries = list(connection.execute(_BATCH, {"ids": list(ids)}))
     attachments: dict[int, list[dict[str, Any]]] = {}
-    messages = [e.message_id for e in enquiries if e.message_id is not None]
-    if messages:
-        for a in connection.execute(_ATTACHMENTS, {"ids": messages}):
+    messages: dict[int, Row[Any]] = {}
+    latest = [e.message_id for e in enquiries if e.message_id is not None]
+    if latest:
+        messages = {m.id: m for m in connection.execute(_MESSAGES, {"ids": latest})}
+        for a in connection.execute(_ATTACHMENTS, {"ids": latest}):
             attachments.setdefault(a.message_id, []).append(
                 {"filename": a.filename, "content_type": a.content_type, "size": a.size})
-    return {e.id: _about(e, attachments, ruleset) for e in enquiries}
+    return {e.id: _about(e, messages.get(e.message_id), attachments, ruleset)
+            for e in enquiries}
 
 
-def _about(e: Row[Any], attachments: dict[int, list[dict[str, Any]]], ruleset: RuleSet
-           ) -> _About:
+def _about(e: Row[Any], message: Row[Any] | None,
+           attachments: dict[int, list[dict[str, Any]]], ruleset: RuleSet) -> _About:
     """From a `_BATCH` row: the enquiry, its contact (none: an empty patient) and its latest
-    inbound message with its attachments."""
+    inbound message (a `_MESSAGES` row) with its attachments."""
     name = e.contact_name or ""
     parts: dict[str, Any] = {
         "enquiry": {"reference": e.reference, "category": e.category, "priority": e.priority,
@@ -427,10 +432,10 @@ def _about(e: Row[Any], attachments: dict[int, list[dict[str, Any]]], ruleset: R
         "patient": {"name": name, "first_name": name.split(" ")[0] if name else "",
                     "email": e.contact_email or "", "phone": e.contact_phone or ""},
     }
-    if e.message_id is not None:
-        parts["message"] = {"subject": e.message_subject, "text": e.message_text,
-                            "excerpt": _excerpt(e.message_text),
-                            "attachments": attachments.get(e.message_id, [])}
+    if message is not None:
+        parts["message"] = {"subject": message.subject, "text": message.text,
+                            "excerpt": _excerpt(message.text),
+                            "attachments": attachments.get(message.id, [])}
     return _About(team=e.team, rule=e.rule, parts=parts)
 
 
