@@ -246,9 +246,11 @@ def _known_statement(contact_column: Column[Any], *, email: bool) -> Executable:
         _contact.c.email_suppressed_at.is_not(None),
         # counted up to :earlier_cap only: a referrer with thousands of enquiries would
         # otherwise cost a scan of all of them per message (~1 ms at 5,000 on PostgreSQL)
+        # (correlated explicitly: inside a derived table SQLAlchemy would otherwise give the
+        # inner SELECT a contact of its own and count any contact's enquiries)
         select(func.count()).select_from(
             select(_enquiry.c.id).where(_enquiry.c.contact_id == _contact.c.id)
-            .limit(bindparam("earlier_cap")).subquery()).scalar_subquery(),
+            .correlate(_contact).limit(bindparam("earlier_cap")).subquery()).scalar_subquery(),
         select(func.count()).select_from(_outbox).where(
             _outbox.c.recipient == bindparam("sender"), _outbox.c.kind == "ack",
             # a failed (bounced, refused) acknowledgement never arrived: it does not count

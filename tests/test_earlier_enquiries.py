@@ -75,3 +75,26 @@ def test_look_up_counts_up_to_the_cap_only(service: Service) -> None:
             facts = store.gather_facts(known, thread, earlier_cap=cap)
             assert (facts.earlier_enquiries, facts.earlier_enquiries_at_least) == (
                 counted, at_least)
+
+
+def test_look_up_counts_the_senders_own_enquiries_only(service: Service) -> None:
+    """Other contacts' enquiries never count: a returning patient with two enquiries has
+    two, however many the clinic holds (the capped count once counted any ten in the table)."""
+    decision = Decision(rule="test", category="general", priority="normal",
+                        teams=("urology",), reply_template=None, notify_template=None)
+    busy, patient, newcomer = ("referrals@hospital.example", "patient@example.org",
+                               "newcomer@example.org")
+    with Session(service.engine) as session, session.begin():
+        referrer = store.create_contact(session, message(0, busy), NOW)
+        for n in range(15):
+            store.create_enquiry(session, message(n, busy), referrer, decision, NOW)
+        returning = store.create_contact(session, message(100, patient), NOW)
+        for n in range(2):
+            store.create_enquiry(session, message(101 + n, patient), returning, decision, NOW)
+        store.create_contact(session, message(200, newcomer), NOW)
+    since = NOW - timedelta(days=1)
+    with Session(service.engine) as session:
+        counts = {sender: store.look_up(session, message(999, sender), since=since,
+                                        earlier_cap=10).earlier_enquiries
+                  for sender in (busy, patient, newcomer)}
+    assert counts == {busy: 10, patient: 2, newcomer: 0}
