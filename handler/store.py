@@ -32,6 +32,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -41,6 +42,7 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 from handler.decision import Decision, Facts, ReminderSpec
 from handler.inbound import Channel, InboundMessage
 from handler.models import (
+    OUTBOX_WORK,
     Attachment,
     Base,
     Blob,
@@ -642,6 +644,7 @@ _CLAIMED = [_outbox.c[name] for name in (
     "id", "enquiry_id", "contact_id", "reminder_id", "kind", "channel", "recipient", "template",
     "context", "urgent", "message_id", "due_at", "attempts")]
 """What sending a claimed row needs, and what the claim-time gates look at."""
+_OUTBOX_WORK = text(OUTBOX_WORK)  # ix_outbox_item_work's predicate, word for word
 
 
 def claim_due_outbox(
@@ -653,9 +656,8 @@ def claim_due_outbox(
     One UPDATE ... RETURNING (SQLite >= 3.35) hands back the claimed rows' columns (attempts
     already counted), in due order: no ORM objects to load, change and flush."""
     due = (select(_outbox.c.id)
-           .where(or_(_outbox.c.status == "pending",
-                      (_outbox.c.status == "sending") & (_outbox.c.lease_until < now)),
-                  _outbox.c.due_at <= now)
+           .where(_OUTBOX_WORK, _outbox.c.due_at <= now,
+                  or_(_outbox.c.status == "pending", _outbox.c.lease_until < now))
            .order_by(_outbox.c.urgent.desc(), _outbox.c.due_at, _outbox.c.id)
            .limit(limit))
     if session.get_bind().dialect.name == "postgresql":
