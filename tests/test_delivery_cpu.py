@@ -1,6 +1,7 @@
 """The delivery worker's shortcuts give what the long way gave: quoted-printable line by line,
 tidy_text's fast paths, format_datetime's cache, the template loop without `generate()`, and
-the relay transaction sent with `execute_command` under one moving deadline."""
+the relay transaction sent with `execute_command` under one moving deadline, and DATA's
+content written as aiosmtplib would write it."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
 from handler.compose import compose_email
 from handler.render import RenderedEmail, TemplateError, Templates, format_datetime, tidy_text
-from handler.smtp_out import RelayTransport
+from handler.smtp_out import RelayTransport, data_payload
 from handler.transports import Outcome
 
 CLINIC = "enquiries@clinic.example"
@@ -120,8 +122,9 @@ class _Relay:
     """Answers MAIL as told; can hold its DATA reply back until told to go on."""
 
     def __init__(self, *, refuse_sender: bool = False, stall: str = "",
-                 smtputf8: bool = True) -> None:
+                 smtputf8: bool = True, data_reply: str = "") -> None:
         self.refuse_sender, self.stall, self.smtputf8 = refuse_sender, stall, smtputf8
+        self.data_reply = data_reply
         self.envelopes: list[tuple[object, Envelope]] = []
         self.release = asyncio.Event()
 
@@ -139,6 +142,8 @@ class _Relay:
         if self.stall == "DATA":
             self.stall = ""
             await self.release.wait()
+        if self.data_reply:
+            return self.data_reply
         self.envelopes.append((session.peer, envelope))
         return "250 2.0.0 queued as R" + str(len(self.envelopes))
 
@@ -215,3 +220,64 @@ async def test_a_non_ascii_address_needs_smtputf8() -> None:
         await server.wait_closed()
     assert result.outcome is Outcome.PERMANENT and "SMTPUTF8" in result.error
     assert relay.envelopes == []
+
+
+def _aiosmtplib_payload(message: bytes) -> bytes:
+    """What aiosmtplib's own `data()` writes after the 354."""
+    return PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
+
+
+@pytest.mark.parametrize("message", [
+    b"", b".", b"..", b"\r\n", b".\r\n", b"a\r\n.\r\nb", b"a\n.b\n", b"a\r.b", b"a\r",
+    b"a\n", b"a", b"\r\n.", b"x\r\n\r\n..y\r\n", b"\n\n\r\r\n.", MAIL])
+def test_data_payload_is_what_aiosmtplib_sends(message: bytes) -> None:
+    assert data_payload(message) == _aiosmtplib_payload(message)
+
+
+def test_data_payload_on_random_messages() -> None:
+    rng = random.Random(5321)
+    pieces = [b"\r\n", b"\n", b"\r", b".", b"..", b"a", b" ", b"\r\n.", b"\xc3\xa9", b"=\r\n"]
+    for _ in range(5000):
+        message = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 20)))
+        assert data_payload(message) == _aiosmtplib_payload(message), message
+
+
+async def test_lines_with_dots_and_odd_line_endings_arrive_as_written() -> None:
+    relay = _Relay()
+    server, port = await _serve(relay)
+    transport = RelayTransport(host="127.0.0.1", port=port, connections=1)
+    messages = [MAIL, b"Subject: dots\r\n\r\n.\r\n..two\r\n.three",
+                b"Subject: lf\n\nbare\nlines\r"]
+    try:
+        results = [await transport.send(m, sender=CLINIC, recipient="jane@example.org")
+                   for m in messages]
+    finally:
+        await transport.close()
+        server.close()
+        await server.wait_closed()
+    assert [r.outcome for r in results] == [Outcome.OK] * 3
+    assert [r.provider_id for r in results] == [f"2.0.0 queued as R{n}" for n in (1, 2, 3)]
+    assert [e.original_content for _, e in relay.envelopes] == [
+        normalize_message_line_endings(m) for m in messages]
+
+
+@pytest.mark.parametrize(("reply", "outcome"), [
+    ("554 5.6.0 Message content rejected", Outcome.PERMANENT),
+    ("451 4.3.0 Try again later", Outcome.TEMPORARY)])
+async def test_a_refused_message_content_is_classified_and_the_connection_reused(
+    reply: str, outcome: Outcome
+) -> None:
+    relay = _Relay(data_reply=reply)
+    server, port = await _serve(relay)
+    transport = RelayTransport(host="127.0.0.1", port=port, connections=1)
+    try:
+        refused = await transport.send(MAIL, sender=CLINIC, recipient="jane@example.org")
+        relay.data_reply = ""
+        after = await transport.send(MAIL, sender=CLINIC, recipient="joe@example.org")
+    finally:
+        await transport.close()
+        server.close()
+        await server.wait_closed()
+    assert (refused.outcome, refused.code) == (outcome, reply[:3])
+    assert after.outcome is Outcome.OK
+    assert [e.rcpt_tos for _, e in relay.envelopes] == [["joe@example.org"]]
