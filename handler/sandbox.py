@@ -142,6 +142,20 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
     # -- sandbox hooks --------------------------------------------------------------------------
 
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        """`{{ enquiry.reference }}` on the plain dicts every template context is made of: the
+        key first. Jinja tries the attribute first, and on a dict that fails with an
+        AttributeError each time (about half of all rendering time). A dict's key is what
+        `enquiry['reference']` gives without any check, so nothing new is reachable; a key
+        named like a dict method (`d.items`) now gives the value, as an administrator means,
+        and without such a key the method is looked up and checked as before."""
+        if type(obj) is dict:
+            try:
+                return obj[attribute]
+            except KeyError:
+                pass
+        return super().getattr(obj, attribute)
+
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
         self.check_time()
         if operator == "*":

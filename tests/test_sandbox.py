@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from jinja2 import StrictUndefined
+from jinja2 import StrictUndefined, UndefinedError
 from jinja2.sandbox import SecurityError
 
 from handler.sandbox import (
@@ -83,6 +83,24 @@ def test_bounded_sandbox_keeps_the_security_checks() -> None:
     with pytest.raises(SecurityError):
         env.from_string("{% set d = {} %}{{ d.update(a=1) }}").render()
     assert "lipsum" not in env.globals
+
+
+def test_dict_keys_come_first_and_methods_stay_checked() -> None:
+    env = make_env()
+    context = {"d": {"reference": "ENQ-ABC234", "items": "two scans", "nested": {"x": 1}}}
+    assert env.from_string("{{ d.reference }} {{ d.items }} {{ d.nested.x }}").render(
+        context) == "ENQ-ABC234 two scans 1"
+    plain = {"d": {"a": 1, "b": 2}}  # no key of that name: the method, as before
+    assert env.from_string("{% for k, v in d.items() %}{{ k }}={{ v }};{% endfor %}").render(
+        plain) == "a=1;b=2;"
+    assert env.from_string("{{ d.get('a') }}").render(plain) == "1"
+    with pytest.raises(SecurityError):  # a mutating method is still refused
+        env.from_string("{{ d.update(c=3) }}").render(plain)
+    with pytest.raises(SecurityError):
+        env.from_string("{{ d.__class__ }}").render(plain)
+    with pytest.raises(UndefinedError):  # a missing key is still undefined (strict here)
+        env.from_string("{{ d.missing }}").render(plain)
+    assert plain == {"d": {"a": 1, "b": 2}}
 
 
 def test_deadline_is_per_block_and_restored() -> None:
