@@ -234,6 +234,7 @@ class Bounces:
     ) -> AcceptOutcome | None:
         if not is_bounce(msg):
             return None
+        store.write_deferred(session)  # suppression cancels mail this group may have queued
         report = read_report(msg.raw, our_domain=self._domain)
         item = find_outbox(session, report.message_ids)
         enquiry = session.get(Enquiry, item.enquiry_id) if item and item.enquiry_id else None

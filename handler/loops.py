@@ -67,6 +67,7 @@ class OwnMail:
         reason = internal_reason(msg, own_addresses(self._ruleset(), self._mailboxes), parent)
         if not reason:
             return None
+        store.write_deferred(session)
         enquiry = None
         if parent is not None and parent.enquiry_id is not None:
             enquiry = session.get(Enquiry, parent.enquiry_id)

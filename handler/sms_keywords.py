@@ -84,6 +84,7 @@ class SmsKeywords:
         keyword = keyword_of(msg)
         if keyword is None:
             return None
+        store.write_deferred(session)  # an opt-out cancels texts this group may have queued
         contact = store.find_contact(session, msg)
         if keyword.conditional and (contact is None or contact.sms_opted_out_at is None):
             return None  # "yes" from someone who never opted out is an ordinary message

@@ -2,8 +2,9 @@
 
 Functions here never commit: the caller owns the transaction. Intake reads what it needs
 about each message of a group commit with one query (`look_up`), inserts with prebuilt Core
-statements run straight on the DBAPI cursor (`_Raw`), and leaves events and reminders to one
-multi-row insert per group (`Deferred`); the dispatcher claims and marks outbox rows.
+statements run straight on the DBAPI cursor (`_Raw`), and leaves the rows nothing in the group
+needs back (messages, outbox rows, events, reminders) to one executemany per table at the
+group's end (`Deferred`); the dispatcher claims and marks outbox rows.
 """
 
 from __future__ import annotations
@@ -228,6 +229,8 @@ _INSERT_REMINDER = _Raw(insert(Reminder.__table__), _columns(Reminder.__table__)
 _INSERT_CONTACT = _Raw(insert(_contact), _columns(_contact), returning_id=True)
 _INSERT_MESSAGE = _Raw(insert(_message), _columns(_message), returning_id=True)
 _INSERT_OUTBOX = _Raw(insert(_outbox), _OUTBOX_COLUMNS, returning_id=True)
+_INSERT_MESSAGES = _Raw(insert(_message), _columns(_message))  # a group's, no ids back
+_INSERT_OUTBOXES = _Raw(insert(_outbox), _OUTBOX_COLUMNS)
 # A new reference is taken by the INSERT itself: ON CONFLICT DO NOTHING returns no id when
 # the random reference exists already (no separate SELECT per enquiry).
 _INSERT_ENQUIRY = {
@@ -509,16 +512,22 @@ def _store_attachments(session: Session, message_id: int, msg: InboundMessage) -
 def add_message(
     session: Session, msg: InboundMessage, *, enquiry: Enquiry | Created | None,
     contact: Contact | Created | None, kind: str, now: datetime,
-) -> int:
-    """Store an inbound message; returns its id. A Core insert: nothing in the transaction
-    needs it as an object."""
-    message_id = _INSERT_MESSAGE.insert_id(session, {
+) -> int | None:
+    """Store an inbound message; returns its id, or None when the row waits for the group
+    commit's end (`Deferred`; a message with attachments is written at once, they need its
+    id). A Core insert: nothing in the transaction needs it as an object."""
+    row = {
         "enquiry_id": enquiry.id if enquiry else None,
         "contact_id": contact.id if contact else None,
         "direction": "in", "channel": msg.channel.value, "external_id": msg.external_id,
         "sender": msg.sender, "recipients": list(msg.recipients), "subject": msg.subject,
         "text": msg.text, "html": msg.html, "headers": dict(msg.headers),
-        "raw": msg.raw or None, "defects": list(msg.defects), "kind": kind, "created_at": now})
+        "raw": msg.raw or None, "defects": list(msg.defects), "kind": kind, "created_at": now}
+    deferred = _deferred(session)
+    if deferred is not None and not msg.attachments:
+        deferred.add_message(row)
+        return None
+    message_id = _INSERT_MESSAGE.insert_id(session, row)
     assert message_id is not None
     if msg.attachments:
         _store_attachments(session, message_id, msg)
@@ -552,8 +561,10 @@ def enqueue(
     due_at: datetime, now: datetime, domain: str, enquiry: Enquiry | Created | None = None,
     contact: Contact | Created | None = None, context: dict[str, Any] | None = None,
     urgent: bool = False, reminder: Reminder | None = None,
-) -> Created:
-    outbox_id = _INSERT_OUTBOX.insert_id(session, {
+) -> Created | None:
+    """A new outbox row; returns its id, or None when the row waits for the group commit's
+    end (`Deferred`)."""
+    row = {
         "enquiry_id": enquiry.id if enquiry else None,
         "contact_id": contact.id if contact else None,
         "reminder_id": reminder.id if reminder else None, "kind": kind,
@@ -561,7 +572,12 @@ def enqueue(
         "context": context or {}, "urgent": urgent, "message_id": new_message_id(domain),
         "status": "pending", "due_at": due_at, "attempts": 0, "lease_until": None,
         "last_error": "", "error_code": "", "provider_id": "", "delivery_status": "",
-        "cancel_reason": "", "created_at": now, "sent_at": None})
+        "cancel_reason": "", "created_at": now, "sent_at": None}
+    deferred = _deferred(session)
+    if deferred is not None:
+        deferred.add_outbox(row)
+        return None
+    outbox_id = _INSERT_OUTBOX.insert_id(session, row)
     assert outbox_id is not None
     return Created(outbox_id)
 
@@ -569,14 +585,61 @@ def enqueue(
 @dataclass(slots=True)
 class Deferred:
     """Rows that a group commit writes at its end, one executemany per table (one pipelined
-    round trip on PostgreSQL) instead of a statement per row: audit events, which nothing
-    reads inside the transaction, and reminders, which `cancel_patient_reminders` writes
-    first."""
+    round trip on PostgreSQL) instead of a statement per row: inbound messages and outbox
+    rows whose ids nothing in the transaction needs, audit events, and reminders.
+
+    A later message of the same group may need to see some of them; `write_for` writes
+    everything first when it could: the same (channel, external id) again (a duplicate),
+    thread ids naming a message or an outbox Message-ID of the group, or a sender who was
+    sent an acknowledgement in the group (intake counts those). Interceptors that act on a
+    message (keywords, bounces, our own mail) and `cancel_patient_reminders` write it all
+    first too (`write_deferred`)."""
 
     events: list[dict[str, Any]] = field(default_factory=list)
     reminders: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    outbox: list[dict[str, Any]] = field(default_factory=list)
+    _inbound: set[tuple[str, str]] = field(default_factory=set)
+    """(channel, external id) of the deferred messages."""
+    _ids: set[str] = field(default_factory=set)
+    """Their external ids and the outbox rows' Message-IDs: what thread headers can name."""
+    _acked: set[str] = field(default_factory=set)
+    """Recipients of deferred acknowledgements."""
+
+    def add_message(self, row: dict[str, Any]) -> None:
+        self.messages.append(row)
+        self._inbound.add((row["channel"], row["external_id"]))
+        self._ids.add(row["external_id"])
+
+    def add_outbox(self, row: dict[str, Any]) -> None:
+        self.outbox.append(row)
+        self._ids.add(row["message_id"])
+        if row["kind"] == "ack":
+            self._acked.add(row["recipient"])
+
+    def needed_by(self, msg: InboundMessage) -> bool:
+        """Could reading the database for `msg` miss a row that waits here?"""
+        if not (self.messages or self.outbox):
+            return False
+        ids = self._ids
+        return ((msg.channel.value, msg.external_id) in self._inbound
+                or msg.sender in self._acked or msg.external_id in ids
+                or any(i in ids for i in msg.thread_ids))
+
+    def write_for(self, session: Session, msg: InboundMessage) -> None:
+        if self.needed_by(msg):
+            self.write(session)
 
     def write(self, session: Session) -> None:
+        if self.messages:
+            _INSERT_MESSAGES.executemany(session, self.messages)
+            self.messages.clear()
+        if self.outbox:
+            _INSERT_OUTBOXES.executemany(session, self.outbox)
+            self.outbox.clear()
+        self._inbound.clear()
+        self._ids.clear()
+        self._acked.clear()
         if self.events:
             _INSERT_EVENT.executemany(session, self.events)
             self.events.clear()
@@ -595,6 +658,22 @@ def defer_writes(session: Session) -> Deferred:
 def _deferred(session: Session) -> Deferred | None:
     deferred: Deferred | None = session.info.get(_DEFERRED)
     return deferred
+
+
+def write_deferred_for(session: Session, msg: InboundMessage) -> None:
+    """Before intake reads the database about `msg`: write what the group deferred if the
+    reads could miss some of it (`Deferred.needed_by`)."""
+    deferred = _deferred(session)
+    if deferred is not None:
+        deferred.write_for(session, msg)
+
+
+def write_deferred(session: Session) -> None:
+    """Write what the group deferred now: for code about to read or change rows that may
+    be among them (an interceptor acting on a message)."""
+    deferred = _deferred(session)
+    if deferred is not None:
+        deferred.write(session)
 
 
 def add_reminders(

@@ -93,3 +93,41 @@ async def test_stored_meanwhile_by_another_instance_is_a_duplicate(service: Serv
     assert all(isinstance(r, AcceptOutcome) and not r.duplicate for r in results[::2])
     assert count(service, Message, Message.direction == "in") == 3
     assert count(service, Enquiry) == 2
+
+
+async def test_a_reply_in_the_same_group_joins_the_enquiry_it_answers(service: Service) -> None:
+    """The message it answers waits with the group's other rows until the end of the
+    transaction: the reply's thread lookup must still find it."""
+    same = "jane@example.net"
+    reply = InboundMessage(channel=Channel.EMAIL, external_id="m9@example.net", sender=same,
+                           subject="Re: Second opinion", text="Forgot to say: scans attached.",
+                           envelope_from=same, mailbox="enquiries@clinic.example",
+                           in_reply_to="m1@example.net", references=("m1@example.net",))
+    first, joined = await accept_together(service, [email(1, sender=same), reply])
+    assert isinstance(first, AcceptOutcome) and isinstance(joined, AcceptOutcome)
+    assert (first.kind, joined.kind) == ("enquiry", "reply")
+    assert joined.reference == first.reference
+    assert count(service, Enquiry) == 1
+    assert count(service, Message, Message.direction == "in") == 2
+
+
+def text(number: int, body: str, *, sender: str = "+447700900123") -> InboundMessage:
+    return InboundMessage(channel=Channel.SMS, external_id=f"SM{number:032d}", sender=sender,
+                          subject="", text=body, mailbox="+447700900000")
+
+
+async def test_stop_in_the_same_group_cancels_the_texts_queued_before_it(
+    service: Service
+) -> None:
+    """An opt-out must see the acknowledgement its sender's enquiry queued a moment before,
+    in the same transaction, and cancel it."""
+    results = await accept_together(service, [
+        text(1, "Hello, I was diagnosed with prostate cancer, can you review my plan?"),
+        text(2, "STOP")])
+    assert all(isinstance(r, AcceptOutcome) for r in results), results
+    with Session(service.engine) as session:
+        texts = session.execute(select(OutboxItem.kind, OutboxItem.status, OutboxItem.recipient)
+                                .where(OutboxItem.channel == "sms")).all()
+    to_patient = [(kind, status) for kind, status, recipient in texts
+                  if recipient == "+447700900123"]
+    assert to_patient and all(status == "cancelled" for _, status in to_patient), to_patient
