@@ -77,3 +77,42 @@ def test_the_work_index_holds_only_claimable_rows(make_settings: Callable[..., S
     assert definition is not None and "pending" in definition and "sending" in definition
     assert "sent" not in definition.replace("sending", "")
     assert old == 0  # replaced, not kept beside it: every index costs each claim and send
+
+
+def test_an_existing_database_is_upgraded_with_its_rows(make_settings: Callable[..., Settings]
+                                                        ) -> None:
+    """A database left at revision 0002, with work in its outbox, upgraded to head: every
+    row is kept, the old index is gone and the claim finds the pending row through the new
+    one."""
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    settings = make_settings()
+    engine = db.make_engine(settings.sqlalchemy_url)
+    try:
+        with engine.begin() as conn:
+            cfg = db.alembic_config(settings.sqlalchemy_url)
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0002")
+        with engine.begin() as conn:
+            for n, status in enumerate(("pending", "sent", "sending", "failed")):
+                conn.execute(text(
+                    "INSERT INTO outbox_item (kind, channel, recipient, template, context, "
+                    "urgent, message_id, status, due_at, attempts, last_error, error_code, "
+                    "provider_id, delivery_status, cancel_reason, created_at, lease_until) "
+                    "VALUES ('ack', 'email', 'jane@example.org', 'ack-email', '{}', :urgent, "
+                    ":mid, :status, :due, 0, '', '', '', '', '', :due, :lease)"),
+                    {"mid": f"m{n}@clinic.example", "status": status, "urgent": n == 0,
+                     "due": NOW - timedelta(minutes=5), "lease": NOW - timedelta(minutes=1)})
+        db.upgrade(settings)
+        with Session(engine) as session, session.begin():
+            claimed = store.claim_due_outbox(session, NOW, limit=10, lease=timedelta(minutes=5))
+        with engine.connect() as conn:
+            statuses = sorted(conn.execute(text("SELECT status FROM outbox_item")).scalars())
+            version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    finally:
+        engine.dispose()
+    # the pending row and the sending row whose lease ran out are claimed, in claim order
+    assert [row.message_id for row in claimed] == ["m0@clinic.example", "m2@clinic.example"]
+    assert statuses == ["failed", "sending", "sending", "sent"]
+    assert version == ScriptDirectory.from_config(db.alembic_config("")).get_current_head()
