@@ -8,6 +8,7 @@ parses a library's exceptions; the transport does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import mailbox
@@ -187,11 +188,20 @@ class FileSmsTransport:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    """`path.write_bytes(data)` without the buffered file object around two system calls."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+    """`data` as `path`, whole or not at all: written to a hidden sibling, then renamed over
+    `path`, so a reader of the folder never sees a half-written text (a resend replaces the
+    file in one step too). Without the buffered file object around the system calls."""
+    partial = path.with_name(f".{path.name}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
+                 0o666)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-    finally:
+    except BaseException:
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
+    os.close(fd)
+    os.replace(partial, path)

@@ -220,3 +220,41 @@ def test_the_basic_header_follows_the_credentials_it_is_given() -> None:
     for auth in [("AC1", "t1"), ("AC1", "t1"), ("AC2", "t:2"), ("AC1", "t1")]:
         expected = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode("ascii")
         assert client._authorization(auth) == f"Basic {expected}"
+
+
+async def test_a_reader_of_the_folder_never_sees_half_a_text(tmp_path: Path) -> None:
+    """Each file appears whole (written beside it, then renamed): a reader polling the folder
+    while large texts are written, and rewritten by resends, parses every file it finds."""
+    import threading
+
+    folder = tmp_path / "sms"
+    transport = FileSmsTransport(folder)
+    stop = threading.Event()
+    seen: list[int] = []
+    broken: list[str] = []
+
+    def read() -> None:
+        while not stop.is_set():
+            for path in folder.glob("*.json"):
+                try:
+                    data = path.read_bytes()
+                except FileNotFoundError:
+                    continue
+                try:
+                    json.loads(data)
+                except ValueError:
+                    broken.append(f"{path.name}: {len(data)} bytes")
+                seen.append(len(data))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for round_ in range(3):  # the same keys again: resends replace the files
+            await asyncio.gather(*(transport.send(request(n, f"{round_} " + "x" * 300_000))
+                                   for n in range(8)))
+    finally:
+        stop.set()
+        reader.join()
+    assert broken == []
+    assert seen  # the reader did look while texts were written
+    assert files(folder) == sorted(f"k{n}@clinic.example.json" for n in range(8))
