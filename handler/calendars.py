@@ -6,6 +6,7 @@ YAML node in `rules/calendars.yaml`, reporting mistakes with their position.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -42,6 +43,7 @@ class Calendar:
         minute = local.hour * 60 + local.minute
         return any(start <= minute < end for start, end in self.week[local.weekday()])
 
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - few calendars; a group shares one `now`
     def describe(self, now: datetime) -> str:
         """E.g. "Wed 18:40 Europe/London (holiday)" for trace reasons."""
         local = self.local(now)

@@ -339,6 +339,7 @@ def new_message_id(domain: str) -> str:
     return f"{uuid.uuid4().hex}@{domain}"
 
 
+@functools.lru_cache(maxsize=256)  # the rules' few durations, for every reminder of every enquiry
 def parse_duration(text: str) -> timedelta:
     """"30m", "4h", "2d", "1w" -> timedelta."""
     m = _DURATION_RE.match(text)
