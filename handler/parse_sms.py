@@ -7,6 +7,7 @@ the sender's city, postcode and state are dropped on purpose.
 
 from __future__ import annotations
 
+import functools
 import mimetypes
 import re
 from collections.abc import Mapping
@@ -44,6 +45,11 @@ def normalise_number(raw: str, region: str = "GB") -> str | None:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
+# The number a text was sent to is one of the clinic's own few: parsed once. (Senders' numbers
+# are not cached: no patient's number stays in memory after its request.)
+_our_number = functools.lru_cache(maxsize=64)(normalise_number)
+
+
 def parse_sms(form: Mapping[str, str], *, region: str = "GB") -> InboundMessage:
     """Build the InboundMessage for one inbound SMS/MMS webhook request."""
     sid = (form.get("MessageSid") or form.get("SmsMessageSid") or "").strip()
@@ -58,7 +64,7 @@ def parse_sms(form: Mapping[str, str], *, region: str = "GB") -> InboundMessage:
         sender = raw_from[:32]
         defects.append("sender is not a phone number")
     to_raw = (form.get("To") or "").strip()
-    mailbox = normalise_number(to_raw, region) or to_raw[:32]
+    mailbox = _our_number(to_raw, region) or to_raw[:32]
     text = (form.get("Body") or "").replace("\r\n", "\n").replace("\r", "\n")
     if len(text) > MAX_BODY_CHARS:
         text = text[:MAX_BODY_CHARS]
