@@ -114,11 +114,17 @@ async def measure_bare(bench: SmtpBench, load: Load) -> tuple[float, float]:
     return sent.accepted / sent.elapsed, cpu * 1e6 / sent.accepted
 
 
+QUEUED = "SELECT count(*) FROM outbox_item WHERE status IN ('pending', 'sending')"
+"""Replies and notifications not sent yet: read as the load ends, it shows whether delivery
+kept up with the burst (a burst must not slow the replies)."""
+
+
 async def measure_service(
     bench: SmtpBench, load: Load, kind: str
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, int]:
     """(messages per second, CPU microseconds per message of the service and of its worker
-    processes: intake and delivery) on a fresh database."""
+    processes: intake and delivery, outbox rows still unsent when the last message had its
+    250) on a fresh database."""
     async with fresh_database(kind, bench.work, bench.admin_url) as database, \
             relay_sink(bench.work, use_smtp_sink=bench.use_smtp_sink) as relay_port:
         async with handler_service(bench.work, database.url, relay_port,
@@ -127,11 +133,12 @@ async def measure_service(
             cpu0, worker0 = proc.cpu_seconds(), proc.worker_cpu_seconds()
             sent = await bench.generator("127.0.0.1", proc.ports["SMTP"], load)
             cpu, worker = proc.cpu_seconds() - cpu0, proc.worker_cpu_seconds() - worker0
+            queued = await asyncio.to_thread(count_rows, database.url, QUEUED)
         stored = await asyncio.to_thread(stored_inbound, database.url)
     if stored != sent.accepted:
         raise BenchError(f"{kind}: {sent.accepted} messages got a 250 but {stored} are stored")
     per = 1e6 / sent.accepted
-    return sent.accepted / sent.elapsed, cpu * per, max(worker, 0.0) * per
+    return sent.accepted / sent.elapsed, cpu * per, max(worker, 0.0) * per, queued
 
 
 def _size(load: Load) -> str:
@@ -147,18 +154,20 @@ async def run_intake(bench: SmtpBench, report: Report) -> None:
         ours: dict[str, list[float]] = {k: [] for k in bench.databases}
         cpu: dict[str, list[float]] = {k: [] for k in bench.databases}
         worker_cpu: dict[str, list[float]] = {k: [] for k in bench.databases}
+        queued: dict[str, list[int]] = {k: [] for k in bench.databases}
         for n in range(bench.rounds):
             rate, us = await measure_bare(bench, load)
             bare.append(rate)
             bare_cpu.append(us)
             line = f"  round {n + 1}: bare {bare[-1]:,.0f}"
             for kind in bench.databases:
-                rate, us, worker_us = await measure_service(bench, load, kind)
+                rate, us, worker_us, unsent = await measure_service(bench, load, kind)
                 ours[kind].append(rate)
                 cpu[kind].append(us)
                 worker_cpu[kind].append(worker_us)
+                queued[kind].append(unsent)
                 line += (f", {kind} {rate:,.0f} ({us:,.0f} + workers {worker_us:,.0f} µs "
-                         "CPU/msg)")
+                         f"CPU/msg, {unsent:,} unsent at the end)")
             print(line + " msg/s", flush=True)
         report.add(Row(title, "bare aiosmtpd (handle_DATA answers 250)", "msg/s",
                        Figure(tuple(bare)), ratio=ratios(bare, bare),
@@ -170,7 +179,9 @@ async def run_intake(bench: SmtpBench, report: Report) -> None:
                            verdict=verdict(r.median >= INTAKE_TARGET),
                            note=f"CPU per message: service "
                                 f"{statistics.median(cpu[kind]):,.0f} µs, intake + delivery "
-                                f"workers {statistics.median(worker_cpu[kind]):,.0f} µs"))
+                                f"workers {statistics.median(worker_cpu[kind]):,.0f} µs; "
+                                f"replies and notifications not yet sent when the last "
+                                f"message was accepted: {max(queued[kind]):,} at most"))
 
 
 def _db_name(kind: str) -> str:
