@@ -209,7 +209,7 @@ class Intake:
     def record(self, session: Session, msg: InboundMessage, now: datetime) -> AcceptOutcome:
         settings = self._settings
         ruleset = self._ruleset()
-        store.write_deferred_for(session, msg)  # rows of this group it may need to see
+        store.write_deferred(session, msg)  # rows of this group it may need to see
         known = store.look_up(session, msg, since=now - self._ack_window,
                               earlier_cap=ruleset.earlier_enquiries_cap)
         if known.stored_id is not None:

@@ -589,12 +589,12 @@ class Deferred:
     round trip on PostgreSQL) instead of a statement per row: inbound messages and outbox
     rows whose ids nothing in the transaction needs, audit events, and reminders.
 
-    A later message of the same group may need to see some of them; `write_for` writes
-    everything first when it could: the same (channel, external id) again (a duplicate),
-    thread ids naming a message or an outbox Message-ID of the group, or a sender who was
-    sent an acknowledgement in the group (intake counts those). Interceptors that act on a
-    message (keywords, bounces, our own mail) and `cancel_patient_reminders` write it all
-    first too (`write_deferred`)."""
+    A later message of the same group may need to see some of them; `write_deferred` with
+    that message writes everything first when it could (`needed_by`): the same (channel,
+    external id) again (a duplicate), thread ids naming a message or an outbox Message-ID of
+    the group, or a sender who was sent an acknowledgement in the group (intake counts
+    those). Interceptors that act on a message (keywords, bounces, our own mail) and
+    `cancel_patient_reminders` write it all first, whatever the message."""
 
     events: list[dict[str, Any]] = field(default_factory=list)
     reminders: list[dict[str, Any]] = field(default_factory=list)
@@ -627,10 +627,6 @@ class Deferred:
                 or msg.sender in self._acked or msg.external_id in ids
                 or any(i in ids for i in msg.thread_ids))
 
-    def write_for(self, session: Session, msg: InboundMessage) -> None:
-        if self.needed_by(msg):
-            self.write(session)
-
     def write(self, session: Session) -> None:
         if self.messages:
             _INSERT_MESSAGES.executemany(session, self.messages)
@@ -661,19 +657,12 @@ def _deferred(session: Session) -> Deferred | None:
     return deferred
 
 
-def write_deferred_for(session: Session, msg: InboundMessage) -> None:
-    """Before intake reads the database about `msg`: write what the group deferred if the
-    reads could miss some of it (`Deferred.needed_by`)."""
+def write_deferred(session: Session, msg: InboundMessage | None = None) -> None:
+    """Write what the group deferred now: for code about to read or change rows that may be
+    among them (an interceptor acting on a message). With `msg`, before intake reads the
+    database about it: only if those reads could miss some of it (`Deferred.needed_by`)."""
     deferred = _deferred(session)
-    if deferred is not None:
-        deferred.write_for(session, msg)
-
-
-def write_deferred(session: Session) -> None:
-    """Write what the group deferred now: for code about to read or change rows that may
-    be among them (an interceptor acting on a message)."""
-    deferred = _deferred(session)
-    if deferred is not None:
+    if deferred is not None and (msg is None or deferred.needed_by(msg)):
         deferred.write(session)
 
 
