@@ -121,7 +121,9 @@ def test_references_are_drawn_from_the_whole_alphabet() -> None:
     assert set(letters) == set(store._REF_ALPHABET)
     # uniform: each letter ~600 times of 18000; far from it means a biased draw
     assert min(letters.values()) > 400 and max(letters.values()) < 800
-    assert len(set(refs)) == len(refs)
+    # 3,000 draws from 30**6: ~0.006 repeats expected, one in ~160 runs has one; a narrow
+    # draw (e.g. one letter's worth of randomness) would repeat hundreds of times
+    assert len(refs) - len(set(refs)) <= 3
 
 
 async def test_intake_submit_answers_through_the_callback(service: Service) -> None:
