@@ -628,25 +628,21 @@ class Deferred:
                 or any(i in ids for i in msg.thread_ids))
 
     def write(self, session: Session) -> None:
-        if self.messages:
-            _INSERT_MESSAGES.executemany(session, self.messages)
-            self.messages.clear()
-        if self.outbox:
-            _INSERT_OUTBOXES.executemany(session, self.outbox)
-            self.outbox.clear()
+        for statement, rows in ((_INSERT_MESSAGES, self.messages),
+                                (_INSERT_OUTBOXES, self.outbox),
+                                (_INSERT_EVENT, self.events),
+                                (_INSERT_REMINDER, self.reminders)):
+            if rows:
+                statement.executemany(session, rows)
+                rows.clear()
         self._inbound.clear()
         self._ids.clear()
         self._acked.clear()
-        if self.events:
-            _INSERT_EVENT.executemany(session, self.events)
-            self.events.clear()
-        if self.reminders:
-            _INSERT_REMINDER.executemany(session, self.reminders)
-            self.reminders.clear()
 
 
 def defer_writes(session: Session) -> Deferred:
-    """Until `Deferred.write`, events and reminders recorded on `session` wait in memory.
+    """Until `Deferred.write`, the rows `Deferred` takes that are recorded on `session` wait
+    in memory.
     Not under savepoints: a rolled-back savepoint would lose rows written inside it."""
     deferred = session.info[_DEFERRED] = Deferred()
     return deferred
