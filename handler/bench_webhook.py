@@ -10,14 +10,17 @@ was stored" holds request by request.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
+import resource
 import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlencode
 
+from handler.bench_floor import Floor, measure_floor
 from handler.bench_harness import (
     BenchError,
     Figure,
@@ -94,6 +97,8 @@ class WebhookBench:
     use_smtp_sink: bool = True
     use_wrk: bool = True
     """wrk (Debian package); else a small httpx load generator (the smoke test)."""
+    floor_requests: int = 2_100
+    """Requests for the floor row (`handler/bench_floor.py`), warm-up included."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,11 @@ class WrkResult:
     sent: int
     wrapped: int
     cpu_us: tuple[float, float] = (0.0, 0.0)
-    """CPU µs per request of the service and of its worker processes (services only)."""
+    """CPU µs per request of the server (the service, or a baseline) and of the service's
+    worker processes."""
+    load_us: float = 0.0
+    """CPU µs per request of wrk itself (0 for the Python generator, which runs in this
+    process)."""
 
 
 def signed_bodies(count: int, *, seed: int = 11) -> list[tuple[str, str]]:
@@ -140,7 +149,10 @@ async def run_wrk(port: int, bench: WebhookBench, bodies: Path) -> WrkResult:
         "--latency", "-s", str(script), f"http://127.0.0.1:{port}{PATH}", "--",
         str(bench.threads), str(bodies),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     raw, _ = await proc.communicate()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk's own, now that it was reaped
+    load_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     out = raw.decode(errors="replace")
     if proc.returncode != 0:
         raise BenchError(f"wrk failed: {out[-2000:]}")
@@ -151,8 +163,10 @@ async def run_wrk(port: int, bench: WebhookBench, bodies: Path) -> WrkResult:
     if not (rate and p99 and done and lua):
         raise BenchError(f"could not read wrk's output:\n{out}")
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99[2]]
-    return WrkResult(float(rate[1]), float(p99[1]) * scale, int(done[1]),
-                     int(lua[2]), int(lua[1]), int(lua[3]))
+    completed = int(done[1])
+    return WrkResult(float(rate[1]), float(p99[1]) * scale, completed,
+                     int(lua[2]), int(lua[1]), int(lua[3]),
+                     load_us=load_cpu * 1e6 / max(completed, 1))
 
 
 async def run_python(port: int, bench: WebhookBench, bodies: Path) -> WrkResult:
@@ -195,17 +209,54 @@ async def _baseline(bench: WebhookBench, mode: str, bodies: Path) -> WrkResult:
     async with child(python_module("handler.bench_servers", mode, "--auth-token", AUTH_TOKEN,
                                    "--public-url", PUBLIC_URL),
                      log_path=bench.work / f"{mode}.log", want=("HTTP",)) as proc:
+        cpu0 = proc.cpu_seconds()
         result = await _load(proc.ports["HTTP"], bench, bodies)
+        result = replace(result, cpu_us=(
+            (proc.cpu_seconds() - cpu0) * 1e6 / max(result.completed, 1), 0.0))
     if result.non_200:
         raise BenchError(f"{mode}: {result.non_200} requests were not answered 200")
     return result
 
 
-async def _service(bench: WebhookBench, kind: str, bodies: Path) -> WrkResult:
+def _service_env() -> dict[str, str]:
     # Quiet hours off: the acknowledgements are sent (to the local SMS folder, as in the
     # daytime) whatever the hour of the run, so the figure does not depend on the clock.
-    extra = {"HANDLER_TWILIO_AUTH_TOKEN": AUTH_TOKEN, "HANDLER_PUBLIC_URL": PUBLIC_URL,
-             "HANDLER_QUIET_HOURS": "off"}
+    return {"HANDLER_TWILIO_AUTH_TOKEN": AUTH_TOKEN, "HANDLER_PUBLIC_URL": PUBLIC_URL,
+            "HANDLER_QUIET_HOURS": "off"}
+
+
+def _baseline_note(results: list[WrkResult]) -> str:
+    note = (f"p99 {statistics.median(r.p99_ms for r in results):.1f} ms; CPU per request: "
+            f"server {statistics.median(r.cpu_us[0] for r in results):,.0f} µs")
+    load = statistics.median(r.load_us for r in results)
+    return note + (f", wrk {load:,.0f} µs" if load else "")
+
+
+def _floor_row(title: str, signed: list[WrkResult], floors: list[Floor]) -> Row:
+    """Whether the target is within reach at all on this machine: the CPU a request needs
+    with no hand-overs or contention (each stage alone, `bench_floor`, plus (b)'s server),
+    against the CPU per request the machine has at the target rate once wrk has taken its
+    share."""
+    cores = len(os.sched_getaffinity(0))
+    rate = WEBHOOK_TARGET * statistics.median(r.rate for r in signed)
+    load_us = statistics.median(r.load_us for r in signed)
+    budget = (cores * 1e6 - load_us * rate) / rate
+    totals = [s.cpu_us[0] + f.total for s, f in zip(signed, floors, strict=True)]
+    f = sorted(floors, key=lambda x: x.total)[len(floors) // 2]  # the round shown in full
+    return Row(
+        title, "our work per request, each stage alone in one process (SQLite)",
+        "µs CPU/request",
+        Figure(tuple(totals)), target=f"≤ {budget:,.0f} µs to fit",
+        verdict=verdict(statistics.median(totals) <= budget),
+        note=f"(b)'s server {statistics.median(s.cpu_us[0] for s in signed):,.0f} + parse_sms "
+             f"{f.parse:,.0f} + intake {f.intake:,.0f} + delivery {f.delivery:,.0f} µs "
+             f"({f.texts:,} texts and {f.emails:,} emails sent for {f.requests:,} requests); "
+             f"CPU per request the machine has at 0.50× (b) = {rate:,.0f} req/s: {cores} "
+             f"cores less wrk's {load_us:,.0f} µs per request")
+
+
+async def _service(bench: WebhookBench, kind: str, bodies: Path) -> WrkResult:
+    extra = _service_env()
     async with fresh_database(kind, bench.work, bench.admin_url) as database, \
             relay_sink(bench.work, use_smtp_sink=bench.use_smtp_sink) as relay_port:
         async with handler_service(bench.work, database.url, relay_port, extra_env=extra,
@@ -241,6 +292,7 @@ async def run_webhook(bench: WebhookBench, report: Report) -> None:
     bare: list[WrkResult] = []
     signed: list[WrkResult] = []
     ours: dict[str, list[WrkResult]] = {k: [] for k in bench.databases}
+    floors: list[Floor] = []
     for n in range(bench.rounds):
         bare.append(await _baseline(bench, "bare-http", bodies))
         signed.append(await _baseline(bench, "signed-http", bodies))
@@ -249,15 +301,19 @@ async def run_webhook(bench: WebhookBench, report: Report) -> None:
         for kind in bench.databases:
             ours[kind].append(await _service(bench, kind, bodies))
             line += f", {kind} {ours[kind][-1].rate:,.0f} (p99 {ours[kind][-1].p99_ms:.1f} ms)"
-        print(line + " req/s", flush=True)
+        async with relay_sink(bench.work, use_smtp_sink=bench.use_smtp_sink) as relay_port:
+            floors.append(await measure_floor(
+                bench.work, [body for _sig, body in pairs[:bench.floor_requests]],
+                relay_port=relay_port, extra_env=_service_env()))
+        print(line + f" req/s; our stages alone {floors[-1].total:,.0f} µs CPU per request",
+              flush=True)
     bare_rates = [r.rate for r in bare]
     signed_rates = [r.rate for r in signed]
     report.add(Row(title, "(a) bare endpoint, empty TwiML", "req/s", Figure(tuple(bare_rates)),
-                   ratio=ratios(bare_rates, bare_rates),
-                   note=f"p99 {statistics.median(r.p99_ms for r in bare):.1f} ms"))
+                   ratio=ratios(bare_rates, bare_rates), note=_baseline_note(bare)))
     report.add(Row(title, "(b) form parsing + RequestValidator only", "req/s",
                    Figure(tuple(signed_rates)), ratio=ratios(signed_rates, bare_rates),
-                   note=f"p99 {statistics.median(r.p99_ms for r in signed):.1f} ms"))
+                   note=_baseline_note(signed)))
     for kind, results in ours.items():
         rates = [r.rate for r in results]
         p99s = [r.p99_ms for r in results]
@@ -273,4 +329,5 @@ async def run_webhook(bench: WebhookBench, report: Report) -> None:
         report.add(Row(title, f"handler serve, {name}: p99 latency", "ms", Figure(tuple(p99s)),
                        digits=1, target=f"< {P99_TARGET_MS:.0f} ms",
                        verdict=verdict(statistics.median(p99s) < P99_TARGET_MS)))
+    report.add(_floor_row(title, signed, floors))
     bodies.unlink()

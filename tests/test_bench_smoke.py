@@ -7,6 +7,7 @@ load generators stand in for smtp-source and wrk, so neither postfix nor wrk is 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from handler.bench import BENCHES, plan_smoke, render, run
@@ -28,6 +29,11 @@ async def test_every_benchmark_runs_and_checks_itself(tmp_path: Path) -> None:
     assert all(r.ratio is not None and r.verdict for r in rates)
     assert all(r.figure.median > 0 for r in report.rows)
     assert "| SMTP intake" in render(report, ["cpu: test"], 1.0)
+    # the webhook's stages alone: every timed request got its text and its team email
+    (alone,) = [r for r in report.rows if r.unit == "µs CPU/request"]
+    sent = re.search(r"([\d,]+) texts and ([\d,]+) emails sent for ([\d,]+) requests", alone.note)
+    assert sent and sent[1] == sent[2] == sent[3] != "0", alone.note
+    assert alone.target.startswith("≤") and alone.verdict in ("yes", "NO")
 
 
 def test_figures_are_medians_with_min_max_and_ratios_per_round() -> None:
