@@ -515,8 +515,10 @@ def add_message(
     contact: Contact | Created | None, kind: str, now: datetime,
 ) -> int | None:
     """Store an inbound message; returns its id, or None when the row waits for the group
-    commit's end (`Deferred`; a message with attachments is written at once, they need its
-    id). A Core insert: nothing in the transaction needs it as an object."""
+    commit's end (`Deferred`). A message with attachments is written at once (they need its
+    id), after what the group deferred: inbound ids follow arrival, which is how an
+    enquiry's latest message and its history are read. A Core insert: nothing in the
+    transaction needs it as an object."""
     row = {
         "enquiry_id": enquiry.id if enquiry else None,
         "contact_id": contact.id if contact else None,
@@ -525,9 +527,11 @@ def add_message(
         "text": msg.text, "html": msg.html, "headers": dict(msg.headers),
         "raw": msg.raw or None, "defects": list(msg.defects), "kind": kind, "created_at": now}
     deferred = _deferred(session)
-    if deferred is not None and not msg.attachments:
-        deferred.add_message(row)
-        return None
+    if deferred is not None:
+        if not msg.attachments:
+            deferred.add_message(row)
+            return None
+        deferred.write(session)
     message_id = _INSERT_MESSAGE.insert_id(session, row)
     assert message_id is not None
     if msg.attachments:

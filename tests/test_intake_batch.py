@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from handler import store
 from handler.app import Service
-from handler.inbound import Channel, InboundMessage
+from handler.inbound import Attachment, Channel, InboundMessage
 from handler.models import Enquiry, Event, Message, OutboxItem
 from handler.service import AcceptOutcome
 
@@ -131,3 +131,25 @@ async def test_stop_in_the_same_group_cancels_the_texts_queued_before_it(
     to_patient = [(kind, status) for kind, status, recipient in texts
                   if recipient == "+447700900123"]
     assert to_patient and all(status == "cancelled" for _, status in to_patient), to_patient
+
+
+async def test_messages_of_a_group_keep_their_order_when_one_has_attachments(
+    service: Service
+) -> None:
+    """A message with attachments is written at once (they need its id); the messages that
+    arrived before it in its group must be written first, or the enquiry's latest message
+    (what notifications show) and its history come out in the wrong order."""
+    await accept_together(service, [text(1, "STOP")])  # no acknowledgement for this number
+    mms = InboundMessage(
+        channel=Channel.SMS, external_id=f"MM{3:032d}", sender="+447700900123",
+        subject="", text="And here is the scan report.", mailbox="+447700900000",
+        attachments=(Attachment(filename="report.pdf", content_type="application/pdf",
+                                size=1200, sha256="", url="https://api.twilio.com/media/1"),))
+    results = await accept_together(service, [
+        text(2, "I was diagnosed with HER2+ breast cancer, can you review my plan?"), mms])
+    assert all(isinstance(r, AcceptOutcome) for r in results), results
+    with Session(service.engine) as session:
+        order = session.scalars(select(Message.external_id).where(
+            Message.direction == "in", Message.external_id != text(1, "").external_id)
+            .order_by(Message.id)).all()
+    assert order == [text(2, "").external_id, mms.external_id]
