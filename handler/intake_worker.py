@@ -132,14 +132,16 @@ class RemoteIntake:
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
             future = self._pending.pop(ident, None)
+            if outcome is not None and outcome.queued:
+                # committed: its replies go out even if nobody waits for the answer any more
+                # (a webhook that timed out, an SMTP client that hung up)
+                self._on_queued()
             if future is None or future.done():
                 continue
             if outcome is None:
                 future.set_exception(RuntimeError(error))
             else:
                 future.set_result(outcome)
-                if outcome.queued:
-                    self._on_queued()
 
     def _fail_pending(self, why: str) -> None:
         pending, self._pending = self._pending, {}

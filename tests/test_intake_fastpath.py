@@ -178,3 +178,29 @@ async def test_worker_process_takes_a_burst_of_frames_at_once(
         assert len(inbound) == len(set(inbound)) == 52
     finally:
         engine.dispose()
+
+
+async def test_worker_process_wakes_delivery_for_a_commit_nobody_waits_for(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A caller that gave up (webhook timeout, SMTP client gone) does not stop the child's
+    commit; what that commit queued must still wake delivery, not wait for the next poll."""
+    settings = make_settings(intake_worker=True)
+    await asyncio.to_thread(db.upgrade, settings)
+    woken = asyncio.Event()
+    remote = RemoteIntake(settings, local=Intake.__new__(Intake), on_queued=woken.set)
+    await remote.start()
+    try:
+        waiting = asyncio.ensure_future(remote.accept(email(1)))
+        await asyncio.sleep(0)  # the frame is written
+        waiting.cancel()
+        await asyncio.wait_for(woken.wait(), 15)
+    finally:
+        await remote.stop()
+    assert waiting.cancelled()
+    engine = db.make_engine(settings.sqlalchemy_url)
+    try:
+        with Session(engine) as session:
+            assert session.scalars(select(Message.external_id)).all() == ["fast1@example.net"]
+    finally:
+        engine.dispose()
