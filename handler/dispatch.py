@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Connection, Row, bindparam, func, select, update
+from sqlalchemy import Connection, Row, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from handler import bounces, sms_policy, store
@@ -26,6 +26,7 @@ from handler.config import Settings
 from handler.models import Attachment, Contact, Enquiry, Event, Message, OutboxItem
 from handler.render import RenderedEmail, TemplateError
 from handler.rules import RuleSet
+from handler.sms_status import UNDELIVERED
 from handler.transports import EmailTransport, Outcome, SendResult, SmsRequest, SmsTransport
 
 log = logging.getLogger("handler.dispatch")
@@ -71,10 +72,13 @@ _MARK_SENT = (
             sent_at=bindparam("sent_at_", type_=_outbox.c.sent_at.type),
             lease_until=None, last_error=""))
 _MARK_TEXT_SENT = _MARK_SENT.values(
-    # a status callback that came first keeps its status; else the provider's, or "sent"
+    # a status callback that came first keeps its status (and its error: undelivered,
+    # 30003); else the provider's status, or "sent"
     delivery_status=func.coalesce(
         func.nullif(_outbox.c.delivery_status, ""),
-        bindparam("delivery_status_", type_=_outbox.c.delivery_status.type)))
+        bindparam("delivery_status_", type_=_outbox.c.delivery_status.type)),
+    last_error=case((or_(*(_outbox.c.delivery_status == s for s in sorted(UNDELIVERED))),
+                     _outbox.c.last_error), else_=""))
 
 
 class Renderer(Protocol):

@@ -130,11 +130,13 @@ class ScriptedSms:
     async def send(self, request: SmsRequest) -> SendResult:
         self.sent.append(request.to)
         answer = self.answers.get(request.to, SendResult.ok("SM-default", status="queued"))
-        if answer == "delivered":
+        if answer in ("delivered", "undelivered"):
+            error = {} if answer == "delivered" else {
+                "error_code": "30003", "last_error": "twilio status undelivered, error 30003"}
             with self.engine.begin() as connection:
                 connection.execute(update(OutboxItem).where(
                     OutboxItem.message_id == request.idempotency_key).values(
-                        delivery_status="delivered", provider_id="SM-callback"))
+                        delivery_status=answer, provider_id="SM-callback", **error))
             return SendResult.ok("SM-callback", status="queued")
         assert isinstance(answer, SendResult)
         return answer
@@ -157,7 +159,7 @@ async def test_texts_are_recorded_sent_together_and_failures_keep_their_meaning(
     make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings(quiet_hours="off")
-    await asyncio.to_thread(populate, settings, 6, tag="smscpu")
+    await asyncio.to_thread(populate, settings, 7, tag="smscpu")
     engine = db.make_engine(settings.sqlalchemy_url)
     try:
         with engine.begin() as connection:  # the acknowledgements become texts
@@ -167,7 +169,7 @@ async def test_texts_are_recorded_sent_together_and_failures_keep_their_meaning(
                 connection.execute(update(OutboxItem).where(OutboxItem.id == row_id).values(
                     channel="sms", template="ack-general", recipient=NUMBER.format(n),
                     last_error="an earlier attempt"))
-        numbers = [NUMBER.format(n) for n in range(6)]
+        numbers = [NUMBER.format(n) for n in range(7)]
         sms = ScriptedSms(engine, {
             numbers[0]: SendResult.ok("SM-0", status="queued"),
             numbers[1]: SendResult.ok("SM-1"),  # no status from the provider: "sent"
@@ -175,6 +177,7 @@ async def test_texts_are_recorded_sent_together_and_failures_keep_their_meaning(
             numbers[3]: SendResult.temporary("twilio 503: busy", "503"),
             numbers[4]: SendResult.permanent("twilio 400: unsubscribed", OPTED_OUT_CODE),
             numbers[5]: SendResult.permanent("twilio 400: invalid", "21211"),
+            numbers[6]: "undelivered",
         })
         clock = FakeClock(datetime.now(UTC) + timedelta(minutes=1))
         rules = LiveRules(rules_dir=settings.rules_dir, templates_dir=settings.templates_dir,
@@ -182,7 +185,7 @@ async def test_texts_are_recorded_sent_together_and_failures_keep_their_meaning(
         dispatcher = Dispatcher(sessions=db.make_sessionmaker(engine, write=True),
                                 templates=rules, ruleset=rules.current, email=NoEmail(),
                                 sms=sms, clock=clock, settings=settings)
-        assert await dispatcher.run_until_idle() == 12
+        assert await dispatcher.run_until_idle() == 14
         assert sorted(sms.sent) == numbers
 
         with DbSession(engine) as session:
@@ -195,6 +198,10 @@ async def test_texts_are_recorded_sent_together_and_failures_keep_their_meaning(
                         row.lease_until, row.sent_at) == (
                     "sent", provider_id, delivery, "", None, clock.now())
                 assert row.rendered is not None and "thank you" in row.rendered["body"]
+            # a callback that beat the record keeps what it said, error included
+            late = rows[numbers[6]]
+            assert (late.status, late.delivery_status, late.error_code, late.last_error) == (
+                "sent", "undelivered", "30003", "twilio status undelivered, error 30003")
             retry = rows[numbers[3]]
             assert (retry.status, retry.error_code, retry.sent_at, retry.delivery_status) == (
                 "pending", "503", None, "")
@@ -210,7 +217,7 @@ async def test_texts_are_recorded_sent_together_and_failures_keep_their_meaning(
             assert sorted(e.detail["code"] for e in failed) == sorted([OPTED_OUT_CODE, "21211"])
             emails = session.scalars(select(OutboxItem.status).where(
                 OutboxItem.channel == "email")).all()
-            assert emails == ["sent"] * 6
+            assert emails == ["sent"] * 7
     finally:
         engine.dispose()
 
