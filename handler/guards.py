@@ -26,7 +26,9 @@ _AUTO_SUBJECT = re.compile(
     r"risposta automatica|automatisch antwoord|autosvar)(\s+auto-?reply)?\s*(:|$)",
     re.IGNORECASE,
 )
-_BULK_PRECEDENCE = {"bulk", "list", "junk"}
+_BULK_PRECEDENCE = {"bulk", "list", "junk", "auto_reply"}
+"""RFC 3834 names the first three; `auto_reply` is what many auto-responders set (and so do
+our own acknowledgements) where they set no Auto-Submitted."""
 URGENT_EXTRA_REPLIES = 1
 """A safety-net reply may go out once more in the window after an ordinary acknowledgement."""
 

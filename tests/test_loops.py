@@ -53,6 +53,7 @@ def decision(priority: str = "normal", reply: str | None = "ack-breast") -> Deci
     ({"headers": {"precedence": "bulk"}}, "Precedence: bulk"),
     ({"headers": {"precedence": "List"}}, "Precedence: list"),
     ({"headers": {"precedence": "junk"}}, "Precedence: junk"),
+    ({"headers": {"precedence": "auto_reply"}}, "Precedence: auto_reply"),
     ({"headers": {"list-id": "<news.example.net>"}}, "list-id"),
     ({"headers": {"list-unsubscribe": "<mailto:u@example.net>"}}, "list-unsubscribe"),
     ({"headers": {"x-auto-response-suppress": "OOF, AutoReply"}}, "X-Auto-Response-Suppress"),
