@@ -82,7 +82,7 @@ def generate_rules_yaml(n: int, seed: int = 7) -> str:
             when = f"{{channel: sms, body: {{any: [{words}]}}}}"
         elif kind == 18:
             when = (f"{{any: [{{from_domain: [d{i}.example]}}, {{subject: {{all: [{words}]}}}}, "
-                    f"{{header: {{x-campaign-{i}: true}}}}]}}")
+                    f"{{header: {{x-mailer: campaign-{i}}}}}]}}")
         else:
             when = f"{{earlier_enquiries: {{min: 3}}, regex: {{body: 'ref[- ]?{i}\\b'}}}}"
         lines.append(f"  - name: rule-{i}")

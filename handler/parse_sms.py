@@ -25,6 +25,8 @@ _KEPT_FIELDS = {
     "NumSegments": "num-segments", "NumMedia": "num-media", "FromCountry": "from-country",
     "SmsStatus": "sms-status", "ApiVersion": "api-version", "OptOutType": "opt-out-type",
 }
+SMS_HEADERS = tuple(_KEPT_FIELDS.values())
+"""The names a text's kept form fields are stored (and tested by rules) under."""
 
 
 class SmsParseError(ValueError):

@@ -14,6 +14,8 @@ import yaml
 
 from handler import conditions as c
 from handler.calendars import Calendar
+from handler.parse_email import SELECTED_HEADERS
+from handler.parse_sms import SMS_HEADERS
 from handler.textmatch import PhraseIndex, phrase_words
 from handler.yamlnodes import Reader, suggest
 
@@ -196,10 +198,19 @@ def _earlier(r: Reader, node: yaml.Node, ctx: WhenContext) -> c.Condition | None
     return c.EarlierEnquiries.build(bounds["min"], bounds["max"])
 
 
+KEPT_HEADERS = frozenset((*SELECTED_HEADERS, *SMS_HEADERS))
+"""What intake keeps of a message's headers (email) or form fields (SMS): all a rule can test."""
+
+
 def _header(r: Reader, node: yaml.Node, ctx: WhenContext) -> c.Condition | None:
     parts: list[c.Condition] = []
-    for name, _, value in r.mapping(node, "header") or []:
+    for name, name_node, value in r.mapping(node, "header") or []:
         header = name.strip().lower()
+        if header not in KEPT_HEADERS:
+            # intake keeps only these: a rule on any other header would never match
+            r.error(name_node, f"header {name!r} is not kept when mail arrives, so this could "
+                               f"never match; rules can test: {', '.join(sorted(KEPT_HEADERS))}")
+            return None
         if isinstance(value, yaml.ScalarNode) and value.tag == "tag:yaml.org,2002:bool":
             parts.append(c.HeaderIs(header, r.boolean(value, f"header.{name}"), frozenset()))
             continue

@@ -544,3 +544,24 @@ def test_shipped_office_calendar_knows_bank_holidays(shipped: RuleSet) -> None:
     assert not office.is_open(datetime(2026, 12, 25, 11, 0, tzinfo=UTC))  # Christmas Day
     assert not office.is_open(datetime(2026, 11, 29, 11, 0, tzinfo=UTC))  # Sunday
     assert shipped.calendars["always"].is_open(datetime(2026, 12, 25, 3, 0, tzinfo=UTC))
+
+
+def test_a_header_intake_does_not_keep_cannot_be_tested() -> None:
+    """Only the headers intake stores reach the rules: a condition on any other would pass
+    the rule file's own tests (which keep every header) and never match in production."""
+    errors = errors_of("""\
+        rules:
+          - name: a
+            when: {header: {importance: high, precedence: bulk}}
+            category: general
+        """)
+    assert len(errors) == 1
+    assert errors[0].startswith("rules/routing.yaml:3:21: header 'importance' is not kept when "
+                                "mail arrives, so this could never match; rules can test: ")
+    assert "precedence" in errors[0] and "from-country" in errors[0]
+    load("""\
+        rules:
+          - name: a
+            when: {header: {List-Id: true, from-country: US}}
+            category: general
+        """)
