@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from handler.render import RenderedEmail, Templates
+from handler.render import CODE_TEMPLATE_NAMES, RenderedEmail, Templates
 from handler.rules import RulesError, RuleSet, load_ruleset
 
 log = logging.getLogger("handler.rules")
@@ -28,9 +28,11 @@ class LoadStatus:
 
 
 def load_checked(rules_dir: Path, templates: Templates, *, max_sms_segments: int) -> RuleSet:
-    """Load the rules and check every template they name; raise RulesError listing all."""
+    """Load the rules and check every template they name and those the code sends itself
+    (`CODE_TEMPLATE_NAMES`); raise RulesError listing all."""
     ruleset = load_ruleset(rules_dir, known_templates=templates.names())
-    errors = templates.check(sorted(ruleset.templates_used), max_sms_segments=max_sms_segments)
+    errors = templates.check(sorted(ruleset.templates_used | set(CODE_TEMPLATE_NAMES)),
+                             max_sms_segments=max_sms_segments)
     if errors:
         raise RulesError(errors)
     return ruleset

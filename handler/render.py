@@ -34,6 +34,10 @@ STAFF_TEMPLATE_NAMES = ("notify-team", "notify-urgent", "reminder-team-unanswere
 TEMPLATE_NAMES = PATIENT_TEMPLATE_NAMES + STAFF_TEMPLATE_NAMES
 """Every name in the shared contract: pass them to `check` with the names the rules use."""
 
+CODE_TEMPLATE_NAMES = ("help", "notify-urgent")
+"""Templates the code sends whatever the rules say (the answer to HELP, the on-call text of
+an urgent enquiry): checked with the rules' own at every load, so an edit that breaks one is
+refused like any other."""
 STAFF_SMS_NAMES = frozenset({"notify-team", "notify-urgent"})
 NO_ENQUIRY_NAMES = frozenset({"help"})
 """Templates that may be rendered with `enquiry` set to None (HELP from an unknown number)."""

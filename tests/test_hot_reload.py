@@ -11,6 +11,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from handler.app import running
 from handler.clock import FakeClock
 from handler.config import Settings
@@ -106,3 +108,35 @@ async def test_sighup_reloads(
                          != version, timeout=5)
     finally:
         await proc.stop()
+
+
+def test_templates_the_code_sends_itself_are_checked_at_every_load(tmp_path: Path) -> None:
+    """The HELP answer and the on-call text are sent whatever the rules name: a reload that
+    breaks one is refused (the old templates stay), and so is a start without them."""
+    from datetime import UTC, datetime
+
+    from handler.live import LiveRules, load_checked
+    from handler.render import Templates
+    from handler.rules import RulesError
+
+    rules, templates = copy_config(tmp_path)
+    now = datetime.now(UTC)
+    live = LiveRules(rules_dir=rules, templates_dir=templates, max_sms_segments=3, now=now)
+    for broken in ("sms/help.txt", "sms/notify-urgent.txt"):
+        path = templates / broken
+        kept = path.read_text()
+        path.write_text("{{ enquiry.reference ")  # unclosed
+        assert not live.reload(now)
+        assert broken in live.status.last_error
+        assert live.render_sms(broken[4:-4], _sample()).strip()  # the old one still renders
+        path.unlink()
+        with pytest.raises(RulesError, match=broken[4:-4]):
+            load_checked(rules, Templates(templates, frozen=True), max_sms_segments=3)
+        path.write_text(kept)
+    assert live.reload(now)
+
+
+def _sample() -> dict[str, object]:
+    from handler.render import sample_context
+
+    return sample_context()
