@@ -177,10 +177,13 @@ def _returned_ids(root: MimeMessage) -> list[str]:
 
 
 def find_outbox(session: Session, ids: Sequence[str]) -> OutboxItem | None:
+    """The outbox row of the first of `ids` that is one (`read_report` puts the returned
+    message's own Message-ID before those it merely refers to)."""
     if not ids:
         return None
-    return session.scalars(select(OutboxItem).where(OutboxItem.message_id.in_(ids))
-                           .order_by(OutboxItem.id).limit(1)).first()
+    rows = {item.message_id: item for item in session.scalars(
+        select(OutboxItem).where(OutboxItem.message_id.in_(ids)))}
+    return next((rows[i] for i in ids if i in rows), None)
 
 
 def suppress_address(session: Session, address: str, reason: str, now: datetime) -> int:

@@ -269,3 +269,26 @@ async def test_unmatched_or_forged_bounces_are_stored_and_do_nothing(
         assert stored.enquiry_id is None
         assert "bounce-unmatched" in set(session.scalars(select(Event.kind)))
     assert (count(service, Enquiry), count(service, OutboxItem)) == (enquiries, outbox)
+
+
+async def test_the_returned_message_is_the_one_marked_not_one_it_refers_to(
+    service: Service, sink: Sink
+) -> None:
+    """A bounce quotes the returned message's References too (our earlier acknowledgement,
+    say): the row marked is the one whose Message-ID the returned message carries."""
+    _, _, ack = await enquire(service, sink)
+    await eventually(lambda: status(service, ack.id) == "sent")
+    later_id = "fedcba9876543210fedcba9876543210@clinic.example"
+    with db(service, write=True) as session, session.begin():
+        later = OutboxItem(
+            enquiry_id=ack.enquiry_id, contact_id=ack.contact_id, kind="ack", channel="email",
+            recipient=PATIENT, template="safety-net", message_id=later_id, status="sent",
+            due_at=ack.due_at, created_at=ack.created_at, sent_at=ack.created_at)
+        session.add(later)
+        session.flush()
+        later_row = later.id
+    returned = original(later_id).replace(
+        b"\r\n\r\n", f"\r\nReferences: <{ack.message_id}>\r\n\r\n".encode(), 1)
+    await send_raw(service, dsn(returned=returned), "")
+    assert status(service, later_row) == "failed"
+    assert status(service, ack.id) == "sent"
