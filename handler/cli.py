@@ -138,6 +138,34 @@ def cmd_enquiries_show(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_enquiries_close(args: argparse.Namespace, settings: Settings) -> int:
+    from handler import store
+    from handler.clock import SystemClock
+
+    reference = args.reference.upper()
+    engine = db.make_engine(settings.sqlalchemy_url)
+    try:
+        with db.make_sessionmaker(engine, write=True)() as session, session.begin():
+            enquiry = session.scalars(
+                select(Enquiry).where(Enquiry.reference == reference)).first()
+            if enquiry is None:
+                print(f"no enquiry {args.reference}", file=sys.stderr)
+                return 1
+            if enquiry.status != "open":
+                print(f"{reference} is {enquiry.status}"
+                      + (f" (since {_short_time(enquiry.closed_at)})" if enquiry.closed_at
+                         else "") + ": nothing to do", file=sys.stderr)
+                return 0 if enquiry.status == "closed" else 1
+            cancelled = store.close_enquiry(session, enquiry, SystemClock().now(),
+                                            by=args.by, note=args.note)
+    finally:
+        engine.dispose()
+    retention = (f"; its data is erased {settings.retention_days} days from now unless the "
+                 "patient writes again" if settings.retention_days > 0 else "")
+    print(f"{reference} closed; {cancelled} pending reminder(s) cancelled{retention}")
+    return 0
+
+
 def enquiry_detail(session: Any, enquiry: Enquiry) -> dict[str, Any]:
     contact = enquiry.contact
     return {
@@ -245,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("reference")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_enquiries_show)
+    close = enq.add_parser("close", help="close an enquiry: a person has closed the loop "
+                                         "(cancels its reminders; starts its retention period)")
+    close.add_argument("reference")
+    close.add_argument("--by", default="cli", help="who closed it (kept in the audit trail)")
+    close.add_argument("--note", default="", help="why (kept in the audit trail)")
+    close.set_defaults(func=cmd_enquiries_close)
     add_rules_commands(sub)
     add_data_commands(sub)
     return parser

@@ -693,6 +693,23 @@ def cancel_patient_reminders(session: Session, enquiry: Enquiry, now: datetime) 
         .values(status="cancelled", cancelled_at=now, cancel_reason="patient replied"))
 
 
+def close_enquiry(session: Session, enquiry: Enquiry, now: datetime, *, by: str,
+                  note: str = "") -> int:
+    """A person closed the loop: the enquiry is closed (the retention period runs from now),
+    its pending reminders are cancelled, and the audit trail says who and why. Returns how
+    many reminders were cancelled. A patient who writes again reopens it."""
+    enquiry.status = "closed"
+    enquiry.closed_at = enquiry.updated_at = now
+    reminder = Reminder.__table__
+    cancelled = session.connection().execute(
+        update(reminder)
+        .where(reminder.c.enquiry_id == enquiry.id, reminder.c.status == "pending")
+        .values(status="cancelled", cancelled_at=now, cancel_reason="enquiry closed")).rowcount
+    record_event(session, "enquiry-closed", now, enquiry=enquiry, actor=by[:64],
+                 note=note[:500], reminders_cancelled=cancelled)
+    return int(cancelled or 0)
+
+
 def record_event(
     session: Session, kind: str, now: datetime, *, enquiry: Enquiry | Created | None = None,
     contact: Contact | Created | None = None, actor: str = "system", **detail: Any,

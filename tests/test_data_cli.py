@@ -241,3 +241,38 @@ async def test_purge_command(world: World) -> None:
         text = dump(session)
         assert "invasive ductal carcinoma" not in text and "prostate MRI" not in text
         assert {e.status for e in session.scalars(select(Enquiry))} == {"erased"}
+
+
+async def test_closing_an_enquiry_cancels_its_reminders_and_starts_its_retention(
+    world: World, clock: FakeClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ref = world.bob_ref
+    sessions = make_sessionmaker(world.service.engine, write=True)
+    with world.db() as session:  # what the rules set for it
+        pending = session.scalars(select(Reminder).join(Enquiry).where(
+            Enquiry.reference == ref, Reminder.status == "pending")).all()
+    assert pending
+    assert world.cli("enquiries", "close", ref.lower(), "--by", "dr.smith",
+                     "--note", "second opinion given by phone") == 0
+    assert f"{ref} closed; {len(pending)} pending reminder(s) cancelled" in (
+        capsys.readouterr().out)
+    with world.db() as session:
+        enquiry = session.scalars(select(Enquiry).where(Enquiry.reference == ref)).one()
+        assert enquiry.status == "closed" and enquiry.closed_at is not None
+        assert set(session.scalars(select(Reminder.cancel_reason).where(
+            Reminder.enquiry_id == enquiry.id))) == {"enquiry closed"}
+        event = session.scalars(select(Event).where(Event.kind == "enquiry-closed")).one()
+        assert (event.actor, event.detail["note"]) == ("dr.smith", "second opinion given by phone")
+    assert world.cli("enquiries", "close", ref) == 0  # again: nothing to do
+    assert "is closed" in capsys.readouterr().err
+    assert world.cli("enquiries", "close", "ENQ-ZZZZZZ") == 1
+
+    job = RetentionJob(sessions=sessions, clock=clock,
+                       settings=world.settings.replace(retention_days=30))
+    clock.advance(timedelta(days=31))
+    assert (await job()).enquiries == 1  # the closed one, and only it
+    with world.db() as session:
+        assert BOB not in dump(session)
+        assert session.scalars(select(Enquiry.status).where(Enquiry.reference == ref)).one() \
+            == "erased"
+    assert world.cli("enquiries", "close", ref) == 1  # erased: cannot be closed
