@@ -46,7 +46,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
-    from handler.live import load_checked
+    from handler.live import failing_tests, load_checked
     from handler.render import Templates
     from handler.rules import RulesError
 
@@ -61,6 +61,8 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
                                    max_sms_segments=settings.sms_max_segments)
         except RulesError as exc:
             problems.extend(exc.errors)
+        else:
+            problems.extend(failing_tests(ruleset))
     if settings.templates_dir.is_dir():  # SMS: segment counts, templates sent outside rules
         from handler.sms_check import check_sms, segment_report
 

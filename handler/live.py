@@ -38,6 +38,15 @@ def load_checked(rules_dir: Path, templates: Templates, *, max_sms_segments: int
     return ruleset
 
 
+def failing_tests(ruleset: RuleSet) -> list[str]:
+    """The rule files' own `tests:` that the rule set fails, one line each with its place.
+    What administrators wrote down must hold: a reload that breaks one is refused."""
+    from handler.rules_cli import run_rule_tests
+
+    return [f"{r.where}: test {r.name!r} fails with these rules: {'; '.join(r.failures)}"
+            for r in run_rule_tests(ruleset) if not r.passed]
+
+
 class LiveRules:
     """Rules and a frozen snapshot of the templates, replaced together only when both
     validate. Renders go through it, so a broken template edit never reaches a patient."""
@@ -51,6 +60,11 @@ class LiveRules:
         self._ruleset = load_checked(rules_dir, self.templates,
                                      max_sms_segments=max_sms_segments)
         self.status = LoadStatus(self._ruleset.version, now)
+        failing = failing_tests(self._ruleset)
+        if failing:  # no earlier rules to keep: start (mail must still be taken), loudly
+            message = "; ".join(failing[:20])
+            self.status = LoadStatus(self._ruleset.version, now, message, now)
+            log.error("rules loaded but their own tests fail: %s", message)
 
     @property
     def ruleset(self) -> RuleSet:
@@ -65,6 +79,9 @@ class LiveRules:
             templates = Templates(self.templates_dir, frozen=True)
             ruleset = load_checked(self.rules_dir, templates,
                                    max_sms_segments=self._max_sms_segments)
+            failing = failing_tests(ruleset)
+            if failing:
+                raise RulesError(failing)
         except RulesError as exc:
             message = "; ".join(exc.errors[:20])
             self.status = LoadStatus(self.status.version, self.status.loaded_at, message, now)

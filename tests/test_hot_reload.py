@@ -140,3 +140,25 @@ def _sample() -> dict[str, object]:
     from handler.render import sample_context
 
     return sample_context()
+
+
+def test_an_edit_that_breaks_the_rule_files_own_tests_is_refused(tmp_path: Path) -> None:
+    """A phrase removed from the red-flag rule is valid YAML and a valid rule, but the file's
+    own examples say that wording is an emergency: the edit is refused, the old rules stay."""
+    from datetime import UTC, datetime
+
+    from handler.live import LiveRules
+
+    rules, templates = copy_config(tmp_path)
+    now = datetime.now(UTC)
+    live = LiveRules(rules_dir=rules, templates_dir=templates, max_sms_segments=3, now=now)
+    before = live.status.version
+    routing = rules / "routing.yaml"
+    original = routing.read_text()
+    routing.write_text(original.replace("              - can't breathe\n", "", 1))
+    assert not live.reload(now)
+    assert live.status.version == before
+    assert "routing.yaml:" in live.status.last_error
+    assert "fails with these rules: rule: expected red-flag" in live.status.last_error
+    routing.write_text(original)
+    assert live.reload(now) and not live.status.last_error
