@@ -65,20 +65,26 @@ _ATTACHMENTS = (
            _attachment.c.size)
     .where(_attachment.c.message_id.in_(bindparam("ids", expanding=True)))
     .order_by(_attachment.c.id))
+_STILL_SENDING = _outbox.c.status == "sending"
 _MARK_SENT = (
     update(_outbox).where(_outbox.c.id == bindparam("id_"))
-    .values(status="sent", provider_id=bindparam("provider_id_"),
+    # A row that left "sending" meanwhile keeps its verdict: a bounce that came back before
+    # this record (failed, with its error). It still gets what was sent and when.
+    .values(status=case((_STILL_SENDING, "sent"), else_=_outbox.c.status),
+            provider_id=bindparam("provider_id_"),
             rendered=bindparam("rendered_", type_=_outbox.c.rendered.type),
             sent_at=bindparam("sent_at_", type_=_outbox.c.sent_at.type),
-            lease_until=None, last_error=""))
+            lease_until=None, last_error=case((_STILL_SENDING, ""), else_=_outbox.c.last_error)))
 _MARK_TEXT_SENT = _MARK_SENT.values(
     # a status callback that came first keeps its status (and its error: undelivered,
     # 30003); else the provider's status, or "sent"
     delivery_status=func.coalesce(
         func.nullif(_outbox.c.delivery_status, ""),
         bindparam("delivery_status_", type_=_outbox.c.delivery_status.type)),
-    last_error=case((or_(*(_outbox.c.delivery_status == s for s in sorted(UNDELIVERED))),
-                     _outbox.c.last_error), else_=""))
+    last_error=case(
+        (or_(~_STILL_SENDING,
+             *(_outbox.c.delivery_status == s for s in sorted(UNDELIVERED))),
+         _outbox.c.last_error), else_=""))
 
 
 class Renderer(Protocol):

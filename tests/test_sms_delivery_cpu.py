@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 import logging
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -155,6 +156,27 @@ class NoEmail:
         return None
 
 
+class BouncedMeanwhile(NoEmail):
+    """The first email's bounce is processed (the row marked failed by another connection)
+    before the dispatcher records the send, as a fast bounce under load can be."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.bounced = ""
+
+    async def send(self, message: bytes, *, sender: str, recipient: str) -> SendResult:
+        if not self.bounced:
+            found = re.search(rb"^Message-ID: <([^>]+)>", message, re.MULTILINE | re.IGNORECASE)
+            assert found
+            self.bounced = found[1].decode()
+            with self.engine.begin() as connection:
+                connection.execute(update(OutboxItem).where(
+                    OutboxItem.message_id == self.bounced).values(
+                        status="failed", delivery_status="bounced", error_code="5.1.1",
+                        last_error="bounced: 5.1.1 user unknown"))
+        return SendResult.ok("relay-id")
+
+
 async def test_texts_are_recorded_sent_together_and_failures_keep_their_meaning(
     make_settings: Callable[..., Settings]
 ) -> None:
@@ -179,11 +201,12 @@ async def test_texts_are_recorded_sent_together_and_failures_keep_their_meaning(
             numbers[5]: SendResult.permanent("twilio 400: invalid", "21211"),
             numbers[6]: "undelivered",
         })
+        email = BouncedMeanwhile(engine)
         clock = FakeClock(datetime.now(UTC) + timedelta(minutes=1))
         rules = LiveRules(rules_dir=settings.rules_dir, templates_dir=settings.templates_dir,
                           max_sms_segments=settings.sms_max_segments, now=clock.now())
         dispatcher = Dispatcher(sessions=db.make_sessionmaker(engine, write=True),
-                                templates=rules, ruleset=rules.current, email=NoEmail(),
+                                templates=rules, ruleset=rules.current, email=email,
                                 sms=sms, clock=clock, settings=settings)
         assert await dispatcher.run_until_idle() == 14
         assert sorted(sms.sent) == numbers
@@ -215,9 +238,14 @@ async def test_texts_are_recorded_sent_together_and_failures_keep_their_meaning(
             assert opted == [numbers[4]]
             failed = session.scalars(select(Event).where(Event.kind == "delivery-failed")).all()
             assert sorted(e.detail["code"] for e in failed) == sorted([OPTED_OUT_CODE, "21211"])
-            emails = session.scalars(select(OutboxItem.status).where(
-                OutboxItem.channel == "email")).all()
-            assert emails == ["sent"] * 7
+            emails = {r.message_id: r for r in session.scalars(select(OutboxItem).where(
+                OutboxItem.channel == "email"))}
+            bounced = emails.pop(email.bounced)  # the bounce's verdict stands; the send is kept
+            assert (bounced.status, bounced.delivery_status, bounced.last_error,
+                    bounced.provider_id, bounced.sent_at) == (
+                "failed", "bounced", "bounced: 5.1.1 user unknown", "relay-id", clock.now())
+            assert bounced.rendered is not None
+            assert [r.status for r in emails.values()] == ["sent"] * 6
     finally:
         engine.dispose()
 
