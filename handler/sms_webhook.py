@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from urllib.parse import parse_qsl
 
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.datastructures import FormData
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from twilio.request_validator import RequestValidator
@@ -33,6 +34,7 @@ INBOUND_PATH = "/sms/twilio"
 STATUS_PATH = "/sms/twilio/status"
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 MAX_FORM_BYTES = 64 * 1024  # an inbound SMS form is a few KB; media are URLs
+MAX_FORM_FIELDS = 200
 ACCEPT_TIMEOUT = 10.0  # Twilio gives up after 15 s
 
 
@@ -58,6 +60,20 @@ def describe(settings: Settings) -> str:
     return f"sms    webhook POST {base}{INBOUND_PATH}, status {base}{STATUS_PATH} ({check})"
 
 
+async def _read_body(request: Request, limit: int) -> bytes | Response:
+    """The body, read as it comes, up to `limit` bytes: a chunked request has no
+    Content-Length to refuse it by, and nothing is parsed before the signature is checked."""
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return Response(status_code=413)
+    except ClientDisconnect:
+        return Response(status_code=400)
+    return bytes(body)
+
+
 def signed_url(public_url: str, path: str, query: str) -> str:
     """The URL Twilio signed: our configured public base, the path and the query as received."""
     url = public_url.rstrip("/") + path
@@ -81,15 +97,19 @@ class SmsWebhook:
 
     async def _signed_form(self, request: Request) -> FormData | Response:
         """The request's form when it is authentic; otherwise the response to give."""
-        length = request.headers.get("content-length") or "0"
-        if not length.isdigit() or int(length) > MAX_FORM_BYTES:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_FORM_BYTES):
             return Response(status_code=413)
         if not request.headers.get("content-type", "").startswith(
                 "application/x-www-form-urlencoded"):
             return Response(status_code=415)
-        try:
-            form = await request.form(max_files=0, max_fields=200)
-        except Exception:  # python-multipart's parse errors, a client that went away
+        body = await _read_body(request, MAX_FORM_BYTES)
+        if isinstance(body, Response):
+            return body
+        try:  # as Starlette's form parser decodes it (latin-1, then %-escapes as UTF-8)
+            form = FormData(parse_qsl(body.decode("latin-1"), keep_blank_values=True,
+                                      errors="replace", max_num_fields=MAX_FORM_FIELDS))
+        except ValueError:  # more fields than that
             return Response(status_code=400)
         if not self._settings.twilio_validate_signatures:
             return form

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -291,6 +292,32 @@ async def test_what_is_not_a_twilio_form_is_refused(service: Service) -> None:
     no_sid = await post_signed(service.http_port, INBOUND, {"Body": "hello"})
     assert no_sid.status_code == 400  # signed, but no MessageSid / From
     assert count(service, Message) == 0
+
+
+async def test_a_chunked_body_is_held_to_the_same_size_limit(service: Service) -> None:
+    """Chunked transfer encoding carries no Content-Length: the body is still read only up
+    to 64 KB (and nothing parsed) before the signature check; a signed chunked form works."""
+    url = f"http://127.0.0.1:{service.http_port}/sms/twilio"
+
+    async def endless() -> AsyncIterator[bytes]:
+        yield b"Body="
+        for _ in range(10_000):  # 10 MB: the whole form parsed, had nobody stopped it
+            yield b"x" * 1024
+
+    form = inbound_form(BREAST)
+    body = urlencode(form).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 50):
+            yield body[i:i + 50]
+
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    async with httpx.AsyncClient(timeout=10) as client:
+        huge = (await client.post(url, content=endless(), headers=headers)).status_code
+        signed = await client.post(url, content=chunks(), headers={
+            **headers, "X-Twilio-Signature": sign(INBOUND, form)})
+    assert huge == 413
+    assert signed.status_code == 200 and count(service, Message) == 1
 
 
 async def test_texts_claimed_at_night_are_held_together_and_all_sent_in_the_morning(
