@@ -1,9 +1,11 @@
 """Outbound email through an SMTP relay with aiosmtplib (optional STARTTLS and login).
 
 Keeps a few connections open and reuses them; maps every failure to a SendResult:
-4xx and connection trouble are temporary, 5xx permanent. Messages arrive as bytes and go out
-asking for the extensions aiosmtplib's `send_message` would: SIZE, SMTPUTF8 for a non-ASCII
-address (a relay without it cannot take that mail), BODY=8BITMIME when offered.
+4xx and connection trouble are temporary, 5xx permanent, except when the relay refuses us
+rather than the message (greeting, login, our sender: `RelayRefused`), which is temporary.
+Messages arrive as bytes and go out asking for the extensions aiosmtplib's `send_message`
+would: SIZE, SMTPUTF8 for a non-ASCII address (a relay without it cannot take that mail),
+BODY=8BITMIME when offered.
 """
 
 from __future__ import annotations
@@ -38,16 +40,27 @@ class RelayTransport:
             self._idle.put_nowait(None)  # a slot; connected lazily
 
     async def _connect(self) -> aiosmtplib.SMTP:
+        """A connection ready for mail. What the relay refuses here (its greeting, EHLO, TLS,
+        our login) says nothing about any message: `RelayRefused`, a temporary failure, so
+        the mail waits for the operator to fix the relay settings instead of failing for
+        good. A connection that got no further is closed, not left open."""
         client = aiosmtplib.SMTP(hostname=self._host, port=self._port, timeout=self._timeout,
                                  start_tls=self._starttls, use_tls=False)
-        await client.connect()
-        if client.is_ehlo_or_helo_needed:  # send() reads the extensions
-            try:
-                await client.ehlo()
-            except aiosmtplib.SMTPHeloError:
-                await client.helo()  # a relay from before ESMTP
-        if self._username:
-            await client.login(self._username, self._password)
+        try:
+            await client.connect()
+            if client.is_ehlo_or_helo_needed:  # send() reads the extensions
+                try:
+                    await client.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    await client.helo()  # a relay from before ESMTP
+            if self._username:
+                await client.login(self._username, self._password)
+        except aiosmtplib.SMTPResponseException as exc:
+            client.close()
+            raise RelayRefused(exc.code, exc.message) from exc
+        except BaseException:
+            client.close()
+            raise
         return client
 
     async def send(self, message: bytes, *, sender: str, recipient: str) -> SendResult:
@@ -83,6 +96,8 @@ class RelayTransport:
                 response = await client.execute_command(b"MAIL", mail_from, *options,
                                                         timeout=None)
                 if response.code != SMTPStatus.completed:
+                    if response.code != 552:  # too big for it (SIZE) is this message's fault
+                        raise RelayRefused(response.code, response.message)  # our sender
                     raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
                 deadline.reschedule(loop.time() + self._timeout)
                 response = await client.execute_command(b"RCPT", rcpt_to, timeout=None)
@@ -98,7 +113,13 @@ class RelayTransport:
                 if response.code != SMTPStatus.completed:
                     raise aiosmtplib.SMTPDataError(response.code, response.message)
             return SendResult.ok(response.message.strip() or "250")
-        except aiosmtplib.SMTPResponseException as exc:  # refused sender or recipient, DATA
+        except RelayRefused as exc:
+            client = await _reset(client)
+            log.error("relay %s:%s refused %s: check the relay settings", self._host,
+                      self._port, exc)
+            return SendResult.temporary(f"relay refused: {exc.code} {exc.message}".strip(),
+                                        str(exc.code))
+        except aiosmtplib.SMTPResponseException as exc:  # refused recipient, DATA, size
             client = await _reset(client)
             return _classify(exc.code, exc.message)
         except ValueError:  # an address no SMTP command line can carry (aiosmtplib checks)
@@ -120,6 +141,14 @@ class RelayTransport:
     async def close(self) -> None:
         while not self._idle.empty():
             await _close(self._idle.get_nowait())
+
+
+class RelayRefused(aiosmtplib.SMTPResponseException):
+    """The relay refused us rather than a message: its greeting, EHLO or TLS, our login, or
+    our envelope sender. Temporary whatever the code: every message would get the same."""
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.message}".strip()
 
 
 async def _send_content(client: aiosmtplib.SMTP, message: bytes) -> SMTPResponse:

@@ -184,7 +184,9 @@ async def test_a_relay_that_stops_answering_times_out_and_the_next_mail_reconnec
     assert relay.envelopes[-1][1].rcpt_tos == ["joe@example.org"]
 
 
-async def test_a_refused_sender_is_permanent_and_addresses_are_checked() -> None:
+async def test_a_refused_sender_is_temporary_and_addresses_are_checked() -> None:
+    """The relay refusing our sender (553) refuses every message alike: a settings problem
+    for the operator, so the mail waits instead of failing for good."""
     relay = _Relay(refuse_sender=True)
     server, port = await _serve(relay)
     transport = RelayTransport(host="127.0.0.1", port=port, connections=1)
@@ -200,12 +202,55 @@ async def test_a_refused_sender_is_permanent_and_addresses_are_checked() -> None
         await transport.close()
         server.close()
         await server.wait_closed()
-    assert (refused.outcome, refused.code) == (Outcome.PERMANENT, "553")
+    assert (refused.outcome, refused.code) == (Outcome.TEMPORARY, "553")
     assert sent.outcome is utf8.outcome is Outcome.OK
     [(_, plain), (_, international)] = relay.envelopes
     assert plain.rcpt_tos == ["jane@example.org"] and plain.mail_from == CLINIC
     assert international.rcpt_tos == ["jané@example.org"]
     assert "SMTPUTF8" in international.mail_options
+
+
+@pytest.mark.parametrize("greeting", [b"554 5.3.2 not accepting connections",
+                                      b"421 4.3.2 try later"])
+async def test_a_relay_that_refuses_us_at_its_greeting_is_temporary_and_not_left_open(
+    greeting: bytes
+) -> None:
+    connections: list[asyncio.StreamReader] = []
+    closed = asyncio.Event()
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(reader)
+        writer.write(greeting + b"\r\n")
+        await writer.drain()
+        await reader.read()  # until the client closes its side
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = int(server.sockets[0].getsockname()[1])
+    transport = RelayTransport(host="127.0.0.1", port=port, connections=1)
+    try:
+        result = await transport.send(MAIL, sender=CLINIC, recipient="jane@example.org")
+        await asyncio.wait_for(closed.wait(), 5)  # the refused connection was closed by us
+    finally:
+        await transport.close()
+        server.close()
+        await server.wait_closed()
+    assert (result.outcome, result.code) == (Outcome.TEMPORARY, greeting[:3].decode())
+    assert len(connections) == 1
+
+
+async def test_a_message_too_big_for_the_relay_is_permanent() -> None:
+    relay = _Relay(data_reply="552 5.3.4 Message too big for system")
+    server, port = await _serve(relay)
+    transport = RelayTransport(host="127.0.0.1", port=port, connections=1)
+    try:
+        result = await transport.send(MAIL, sender=CLINIC, recipient="jane@example.org")
+    finally:
+        await transport.close()
+        server.close()
+        await server.wait_closed()
+    assert (result.outcome, result.code) == (Outcome.PERMANENT, "552")
 
 
 async def test_a_non_ascii_address_needs_smtputf8() -> None:
