@@ -333,13 +333,13 @@ async def running(
         smtp_server.close()          # 1. accept nothing new
         http_server.should_exit = True
         watcher.cancel()
-        if remote is not None:       # 2. commit what was already received
+        for task in service.tasks:   # 2. answer the HTTP requests already taken (Twilio
+            with contextlib.suppress(Exception):  # does not retry a text that got a 500)
+                await asyncio.wait_for(task, 10)
+        if remote is not None:       # 3. commit what was already received
             await remote.stop()
         await intake.stop()
-        for task in service.tasks:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 10)
-        if delivery is not None:     # 3. stop sending
+        if delivery is not None:     # 4. stop sending
             await stop_delivery(delivery)
         if worker is not None:
             await worker.stop()

@@ -320,6 +320,50 @@ async def test_a_chunked_body_is_held_to_the_same_size_limit(service: Service) -
     assert signed.status_code == 200 and count(service, Message) == 1
 
 
+async def test_a_text_arriving_as_the_service_stops_is_still_stored(
+    make_settings: Callable[..., Settings], sink: Sink, clock: FakeClock
+) -> None:
+    """Twilio does not retry an inbound webhook that got a 500: a request the HTTP server
+    took before shutting down must be answered by an intake that is still there."""
+    import asyncio
+
+    settings = make_settings(relay_host="127.0.0.1", relay_port=sink.port,
+                             twilio_auth_token=AUTH_TOKEN, public_url=PUBLIC_URL,
+                             intake_worker=True)
+    form = inbound_form(BREAST)
+    body = urlencode(form).encode()
+    head = (f"POST /sms/twilio HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+            f"application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n"
+            f"X-Twilio-Signature: {sign(INBOUND, form)}\r\nConnection: close\r\n\r\n")
+    up, stop = asyncio.Event(), asyncio.Event()
+    ports: list[int] = []
+    stored: list[int] = []
+
+    async def serve() -> None:
+        async with running(settings, clock=clock) as service:
+            ports.append(service.http_port)
+            up.set()
+            await stop.wait()
+        with Session(service.engine) as session:  # after the service stopped
+            stored.append(int(session.scalar(select(func.count()).select_from(Message)) or 0))
+
+    task = asyncio.create_task(serve())
+    await up.wait()
+    reader, writer = await asyncio.open_connection("127.0.0.1", ports[0])
+    writer.write(head.encode())  # the request has begun; its body comes during shutdown
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.sleep(0.5)  # shutdown under way
+    writer.write(body)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 15)
+    writer.close()
+    await task
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert stored == [1]
+
+
 async def test_texts_claimed_at_night_are_held_together_and_all_sent_in_the_morning(
     service: Service, clock: FakeClock
 ) -> None:
