@@ -157,7 +157,7 @@ def build_email_transport(settings: Settings) -> EmailTransport:
 def describe_email(settings: Settings) -> str:
     if settings.relay_host:
         return f"SMTP relay {settings.relay_host}:{settings.relay_port}" + (
-            " (STARTTLS)" if settings.relay_starttls else "")
+            " (STARTTLS required)" if settings.relay_starttls else " (STARTTLS when offered)")
     return f"local Maildir {settings.maildir_path}"
 
 

@@ -9,6 +9,7 @@ import asyncio
 import quopri
 import random
 import re
+import ssl
 from datetime import UTC, datetime, timedelta, timezone
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -22,6 +23,7 @@ from handler.compose import compose_email
 from handler.render import RenderedEmail, TemplateError, Templates, format_datetime, tidy_text
 from handler.smtp_out import RelayTransport, data_payload
 from handler.transports import Outcome
+from tests.test_smtp_limits import throwaway_certificate
 
 CLINIC = "enquiries@clinic.example"
 DATE = datetime(2026, 11, 25, 20, 30, 13, tzinfo=UTC)
@@ -238,6 +240,42 @@ async def test_a_relay_that_refuses_us_at_its_greeting_is_temporary_and_not_left
         await server.wait_closed()
     assert (result.outcome, result.code) == (Outcome.TEMPORARY, greeting[:3].decode())
     assert len(connections) == 1
+
+
+@pytest.mark.parametrize("required", [False, True])
+async def test_the_relay_connection_is_encrypted_whenever_the_relay_offers_starttls(
+    tmp_path: Path, required: bool
+) -> None:
+    """By default STARTTLS is used when offered, and a self-signed certificate (an internal
+    relay's) does not stop the mail; `relay_starttls = true` makes TLS required and the
+    certificate verified, so the same relay is then refused."""
+    cert, key = throwaway_certificate(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    seen: list[bool] = []
+
+    class Encrypted(_Relay):
+        async def handle_DATA(self, server: SMTP, session: Session,
+                              envelope: Envelope) -> str:
+            seen.append(session.ssl is not None)
+            return await super().handle_DATA(server, session, envelope)
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: SMTP(Encrypted(), hostname="relay.test", loop=loop, tls_context=context),
+        "127.0.0.1", 0)
+    port = int(server.sockets[0].getsockname()[1])
+    transport = RelayTransport(host="127.0.0.1", port=port, connections=1, starttls=required)
+    try:
+        result = await transport.send(MAIL, sender=CLINIC, recipient="jane@example.org")
+    finally:
+        await transport.close()
+        server.close()
+        await server.wait_closed()
+    if required:  # not signed by anyone we trust: nothing is sent, and it is retried
+        assert result.outcome is Outcome.TEMPORARY and seen == []
+    else:
+        assert result.outcome is Outcome.OK and seen == [True]
 
 
 async def test_a_message_too_big_for_the_relay_is_permanent() -> None:
