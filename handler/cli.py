@@ -20,7 +20,7 @@ from handler import __version__, db
 from handler.cli_data import add_data_commands
 from handler.cli_rules import add_rules_commands
 from handler.config import ConfigError, Settings, load_settings
-from handler.logs import configure_logging
+from handler.logs import configure_logging, pseudonym_key
 from handler.models import Enquiry, Event, Message, OutboxItem, Reminder
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -30,7 +30,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from handler.app import serve
     from handler.rules import RulesError
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, pseudonym_key=pseudonym_key(settings.var_dir))
     print(f"enquiry-handler {__version__}: bringing the database schema up to date", flush=True)
     try:
         asyncio.run(serve(settings))

@@ -273,7 +273,7 @@ class _Replies:
 
 
 async def _main() -> None:
-    from handler.logs import configure_logging
+    from handler.logs import configure_logging, pseudonym_key
 
     loop = asyncio.get_running_loop()
     sock = socket.socket(fileno=os.dup(0))
@@ -282,7 +282,7 @@ async def _main() -> None:
     if not line:
         return
     settings = settings_from_json(line)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, pseudonym_key=pseudonym_key(settings.var_dir))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the service
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -8,19 +8,57 @@ aiosmtpd's INFO logging (which prints envelope addresses and command lines) is s
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
+import os
 import re
+import secrets
 import sys
+from pathlib import Path
 
+PSEUDONYM_KEY_FILE = "log-pseudonym.key"
 _EMAIL = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
 # Phone numbers: E.164 (+447700900123) and national forms (07700 900123, 020 7946 0000).
 # Dashes are left alone so that dates and times (2026-11-25T20:30) are not mistaken for one.
 _PHONE = re.compile(r"(?<![\w.:-])\+?\d[\d ()]{8,}\d(?![\w.:-])")
 
 
+class _Key:
+    """The secret pseudonyms are keyed with. Unkeyed, a token could be reversed by hashing
+    every UK mobile number (about 10^9, minutes on one core); keyed, only with the key."""
+
+    value: bytes | None = None
+
+
+def use_pseudonym_key(key: bytes) -> None:
+    _Key.value = key
+
+
+def pseudonym_key(var_dir: Path) -> bytes:
+    """This installation's key, created on first use (readable by its owner only) in
+    `var_dir`, where the service and its worker processes all find the same one."""
+    path = var_dir / PSEUDONYM_KEY_FILE
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    var_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
+    return path.read_bytes()
+
+
 def pseudonym(value: str) -> str:
-    """A stable short token for an address or number: safe to log, useless to a reader."""
-    return "h:" + hashlib.sha256(value.strip().lower().encode()).hexdigest()[:10]
+    """A stable short token for an address or number: safe to log, useless to a reader
+    without this installation's key (`pseudonym_key`; a random one per process until set)."""
+    if _Key.value is None:
+        _Key.value = secrets.token_bytes(32)
+    digest = hmac.new(_Key.value, value.strip().lower().encode(), hashlib.sha256)
+    return "h:" + digest.hexdigest()[:10]
 
 
 def redact(text: str) -> str:
@@ -38,7 +76,9 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: str = "INFO") -> None:
+def configure_logging(level: str = "INFO", *, pseudonym_key: bytes | None = None) -> None:
+    if pseudonym_key is not None:
+        use_pseudonym_key(pseudonym_key)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter())

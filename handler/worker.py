@@ -290,13 +290,13 @@ async def deliver(settings: Settings, *, control_fd: int | None) -> None:
 
 def main() -> int:
     import handler.app  # before logging is set up: alembic logs its import at INFO
-    from handler.logs import configure_logging
+    from handler.logs import configure_logging, pseudonym_key
 
     line = sys.stdin.buffer.readline()
     if not line:
         return 0  # the service went away before saying anything
     settings = settings_from_json(line)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, pseudonym_key=pseudonym_key(settings.var_dir))
     sys.setswitchinterval(handler.app.SWITCH_INTERVAL)  # claims and records run in threads
     asyncio.run(deliver(settings, control_fd=sys.stdin.fileno()))
     return 0

@@ -128,3 +128,29 @@ async def test_staff_texts_carry_reference_and_category_only(
         assert reference in body and enquiry.priority.upper() in body.upper()
         for private in ("chest", "breath", "chemo", "Jane", PATIENT, "Breathless"):
             assert private.lower() not in body.lower(), (private, body)
+
+
+def test_log_pseudonyms_are_keyed_with_the_installations_own_secret(tmp_path: Path) -> None:
+    """Unkeyed, a pseudonym is reversed by hashing every UK mobile number; keyed with a
+    secret kept (owner-readable only) beside the data, it is stable across the service's
+    processes and restarts, and useless without the key."""
+    import hashlib
+    import stat
+
+    from handler import logs
+
+    var = tmp_path / "var"
+    key = logs.pseudonym_key(var)
+    path = var / logs.PSEUDONYM_KEY_FILE
+    assert len(key) == 32 and logs.pseudonym_key(var) == key  # made once, then reused
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    kept = logs._Key.value
+    try:
+        logs.use_pseudonym_key(key)
+        token = logs.pseudonym(PATIENT)
+        assert token == logs.pseudonym(f" {PATIENT.upper()} ")  # normalised first
+        assert token != "h:" + hashlib.sha256(PATIENT.lower().encode()).hexdigest()[:10]
+        logs.use_pseudonym_key(logs.pseudonym_key(tmp_path / "elsewhere"))
+        assert logs.pseudonym(PATIENT) != token  # another installation, another token
+    finally:
+        logs._Key.value = kept
