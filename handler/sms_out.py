@@ -77,12 +77,24 @@ class ApiHttpClient(AsyncHttpClient):
             self._session = None
 
 
+ACCOUNT_ERRORS = frozenset({
+    21212,  # the From number is invalid
+    21606,  # the From number cannot send messages (to this destination)
+    21608,  # a trial account may only text verified numbers
+    21611,  # the From number has too many messages queued
+    21659,  # the From number is not a Twilio number of this account
+})
+"""Errors about our account or sending number rather than the message or its recipient:
+every text would get the same until the operator fixes the settings, so they are retried."""
+
+
 def classify_api_error(status: int, code: int | None, message: str) -> SendResult:
     """Twilio's answer to a failed create -> temporary (retry later) or permanent."""
     code_text = str(code) if code else str(status)
     text = f"twilio {status}: {message}"[:500]
-    if status == 429 or status >= 500 or status in (401, 408):
-        # 401: a credentials problem is the operator's to fix; the texts should then go out.
+    if status == 429 or status >= 500 or status in (401, 404, 408) or code in ACCOUNT_ERRORS:
+        # 401, 404 (no such account or messaging service), the sending number: the
+        # operator's to fix, and the texts should then go out.
         return SendResult.temporary(text, code_text)
     return SendResult.permanent(text, code_text)
 

@@ -122,7 +122,9 @@ def test_delivery_status_only_moves_forward() -> None:
 
 @pytest.mark.parametrize(("status", "code", "outcome"), [
     (400, 21211, Outcome.PERMANENT), (400, 21610, Outcome.PERMANENT),
-    (400, 21408, Outcome.PERMANENT), (404, 20404, Outcome.PERMANENT),
+    (400, 21408, Outcome.PERMANENT), (400, 21614, Outcome.PERMANENT),
+    (404, 20404, Outcome.TEMPORARY), (400, 21606, Outcome.TEMPORARY),
+    (400, 21611, Outcome.TEMPORARY), (400, 21659, Outcome.TEMPORARY),
     (429, 20429, Outcome.TEMPORARY), (500, 20500, Outcome.TEMPORARY),
     (503, None, Outcome.TEMPORARY), (401, 20003, Outcome.TEMPORARY),
 ])
