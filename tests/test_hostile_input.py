@@ -234,7 +234,7 @@ async def test_memory_is_bounded(service: Service, client: RawSMTP, name: str) -
     assert (await client.cmd("NOOP")).code == 250
 
 
-@pytest.mark.parametrize("name", ["parts-10000", "multipart-nested-1000"])
+@pytest.mark.parametrize("name", ["parts-10000"])  # deep nesting is cut short before parsing
 async def test_a_costly_message_does_not_stall_other_sessions(
     service: Service, name: str
 ) -> None:

@@ -599,3 +599,28 @@ def _check_invariants(raw: bytes) -> None:
         value = getattr(msg, field.name)
         if isinstance(value, str):
             assert "\x00" not in value
+
+
+def test_deep_multipart_nesting_is_cut_short_before_parsing() -> None:
+    """The stdlib parser's time grows with the square of the nesting: past MAX_MULTIPARTS
+    declared multipart types only the header block is parsed (the raw is still stored)."""
+    from handler.parse_email import MAX_MULTIPARTS, _multiparts
+
+    def nested(depth: int) -> bytes:
+        deep = b"Content-Type: text/plain\r\n\r\ndeep text\r\n"
+        for k in range(depth):
+            deep = (b"Content-Type: Multipart/Mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (k, k)
+                    + deep + b"\r\n--b%d--\r\n" % k)
+        return (b"From: a@example.org\r\nSubject: deep\r\nMIME-Version: 1.0\r\n" + deep)
+
+    def parse(data: bytes) -> InboundMessage:
+        return parse_email(data, envelope_from="a@example.org",
+                           envelope_rcpts=["enquiries@clinic.example"],
+                           mailboxes=["enquiries@clinic.example"])
+
+    fine, cut = parse(nested(MAX_MULTIPARTS)), parse(nested(MAX_MULTIPARTS + 1))
+    assert not [d for d in fine.defects if "multipart types" in d]
+    assert [d for d in cut.defects if "multipart types" in d]
+    assert "deep text" in cut.text
+    step = 1 << 20  # counted across the 1 MB steps, in any case, once each
+    assert _multiparts(b"x" * (step - 4) + b"MULTIPART/" + b"y" * step + b"multipart/", 9) == 2
