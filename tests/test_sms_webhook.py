@@ -171,7 +171,8 @@ async def test_stop_opts_out_cancels_pending_sms_and_leaves_email_alone(
                                      if r.kind == "ack" and r.attempts == 0
                                      and r.due_at > clock.now()])
     assert held[0].status == "pending"
-    with service.engine.begin() as conn, Session(bind=conn) as session:
+    with service.engine.execution_options(write=True).begin() as conn, \
+            Session(bind=conn) as session:  # the writers' lock first: SQLite would refuse
         contact = session.scalars(select(Contact).where(Contact.phone == PATIENT)).one()
         contact.email = "jane@example.org"
         store.enqueue(session, kind="reminder", channel=Channel.EMAIL,
@@ -198,7 +199,8 @@ async def test_stop_opts_out_cancels_pending_sms_and_leaves_email_alone(
         assert session.scalar(select(func.count()).select_from(Enquiry)) == 1
 
     clock.set(datetime(2026, 11, 26, 9, 0, tzinfo=UTC))  # morning: still nothing by SMS
-    with service.engine.begin() as conn, Session(bind=conn) as session:
+    with service.engine.execution_options(write=True).begin() as conn, \
+            Session(bind=conn) as session:  # the writers' lock first: SQLite would refuse
         late = store.enqueue(session, kind="reminder", channel=Channel.SMS, recipient=PATIENT,
                              template="reminder-patient-documents", due_at=clock.now(),
                              now=clock.now(), domain="clinic.example")
