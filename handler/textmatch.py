@@ -14,17 +14,21 @@ from dataclasses import dataclass, field
 MAX_SCAN_CHARS = 100_000
 """Only this much of a subject or body is scanned for words (a 2 KB enquiry is typical)."""
 
-NEGATORS = frozenset({"no", "not", "without"})
-"""A phrase right after one of these (same line, no punctuation between) counts as negated."""
+NEGATORS = frozenset({"no", "not"})
+"""A phrase right after one of these (same line, no punctuation between) counts as negated.
+Not "without": "I can't climb the stairs without chest pain" is a red flag, and a false
+alarm costs a phone call where a miss costs more."""
 
 _BREAK = "|"
 """Stands for sentence punctuation and line breaks: they stop negation, not phrase matches."""
-_BREAKERS = ".!?;:,()[]{}<>\"\n\r"
+_BREAKERS = ".!?;:,()[]{}<>\"\n\r|"
 _ASCII_MAP = str.maketrans(
     {i: (_BREAK if chr(i) in _BREAKERS else " ") for i in range(128) if not chr(i).isalnum()}
 )
 _QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'", "\u00b4": "'"})
 _COMBINING = re.compile(r"[\u0300-\u036f]")
+_SPACED_DASH = re.compile(r"\s-+(?=\s)")
+_DASHES = re.compile("[\u2013\u2014\u2015]")  # en and em dashes, a horizontal bar
 _OTHER = re.compile(r"[^\w|\s]|_")
 _CONTRACTIONS: dict[str, tuple[str, str]] = {
     short: (long, "not") for short, long in {
@@ -41,8 +45,11 @@ def mark(text: str) -> str:
     """Casefolded words separated by spaces, with `|` where punctuation or a line break was.
     Apostrophes vanish ("can't" -> "cant") and accents are dropped ("café" -> "cafe")."""
     text = text[:MAX_SCAN_CHARS].casefold()
+    if " -" in text:  # a dash between words ends a negation like a comma ("No - chest pain")
+        text = _SPACED_DASH.sub(_BREAK, text)
     if text.isascii():
-        return text.replace("'", "").translate(_ASCII_MAP)
+        return text.replace("'", "").replace("`", "").translate(_ASCII_MAP)
+    text = _DASHES.sub(_BREAK, text)
     text = _COMBINING.sub("", unicodedata.normalize("NFKD", text.translate(_QUOTES)))
     text = text.replace("'", "").translate(_ASCII_MAP)
     return _OTHER.sub(" ", text)

@@ -173,13 +173,17 @@ def test_negated_phrase_does_not_count_and_the_trace_says_so() -> None:
         False, ("body contains none of 'chest pain'",
                 "'chest pain' appears only after 'no' (negated, not counted)"))
     assert not check("body: [suicidal]\n", email("I am not suicidal"))[0]
-    assert not check("body: [chest pain]\n", email("without chest pain"))[0]
+    # "without" does not negate: "can't climb the stairs without chest pain" is a symptom
+    assert check("body: [chest pain]\n", email("can't climb the stairs without chest pain"))[0]
 
 
 @pytest.mark.parametrize("body", [
     "Are you open? No. Chest pain started an hour ago.",   # punctuation ends the negation
     "No, chest pain since this morning",
     "Any symptoms? No\nchest pain is new",                  # so does a line break
+    "Any better? No - chest pain is worse",                  # and a dash between words
+    "Any better? No \u2014 chest pain is worse",
+    "Any better? No | chest pain is worse",
     "no chest pain yesterday but chest pain today",          # one plain mention is enough
     "I do not have chest pain... actually I do have chest pain",
     "I don't know, the chest pain is bad",

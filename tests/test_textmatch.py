@@ -10,6 +10,8 @@ from handler.textmatch import MAX_SCAN_CHARS, PhraseIndex, phrase_words, split_w
 @pytest.mark.parametrize(("text", "words"), [
     ("I CAN'T breathe!", ["i", "can", "not", "breathe"]),
     ("I can\u2019t\nbreathe", ["i", "can", "not", "breathe"]),
+    ("I can`t breathe", ["i", "can", "not", "breathe"]),  # ASCII text: as in the rest
+    ("I can`t breathe, Jos\u00e9", ["i", "can", "not", "breathe", "jose"]),
     ("cannot / can not / cant", ["can", "not", "can", "not", "can", "not"]),
     ("It won't stop; it doesn't", ["it", "will", "not", "stop", "it", "does", "not"]),
     ("HER2-positive (ER+)", ["her2", "positive", "er"]),
