@@ -287,6 +287,8 @@ class Dispatcher:
             "decision": {"rule": context.get("rule", ""),
                          "reasons": list(context.get("reasons", []))},
             "reminder": None,
+            # a notification about a patient writing again, not about a new enquiry
+            "update": bool(context.get("update", False)),
         }
         about = enquiries.get(row.enquiry_id) if row.enquiry_id else None
         if about is not None:

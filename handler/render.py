@@ -415,6 +415,7 @@ def sample_context(*, sparse: bool = False) -> dict[str, Any]:
         },
         "reminder": {"name": "documents-after-2-days",
                      "due_at": datetime(2026, 11, 27, 9, 41, tzinfo=UTC)},
+        "update": False,
     }
     if sparse:
         sms_text = "Hi, can I get a second opinion on my treatment? Please call me."
@@ -426,6 +427,7 @@ def sample_context(*, sparse: bool = False) -> dict[str, Any]:
         context["team"] = {"id": "coordinator", "display_name": "Patient coordinators",
                            "email": "coordinators@clinic.example"}
         context["decision"] = {"rule": "default", "reasons": []}
+        context["update"] = True  # so templates are also tried as a follow-up's notice
     return context
 
 

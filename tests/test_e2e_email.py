@@ -176,6 +176,11 @@ async def test_reply_in_thread_joins_the_enquiry(service: Service, sink: Sink) -
     assert response2.rsplit(" ", 1)[1] == reference
     received = await sink.wait_for(3)  # the team hears about the reply; no second ack
     assert len([m for m in received if m["To"] == PATIENT]) == 1
+    first_notice, second_notice = [m for m in received if m["To"] != PATIENT]
+    assert "new breast enquiry" in str(first_notice["Subject"])
+    assert "the sender wrote again" in str(second_notice["Subject"])  # not "new enquiry"
+    body = second_notice.get_body(("plain",)).get_content()
+    assert "has written again" in body and "within 2 working days" not in body
     with db(service) as session:
         assert session.scalar(select(func.count()).select_from(Enquiry)) == 1
         kinds = session.scalars(select(Message.kind).order_by(Message.id)).all()
