@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -441,7 +442,7 @@ def _about(e: Row[Any], message: Row[Any] | None,
                     "team": e.team, "team_name": _team_name(ruleset, e.team),
                     "subject": e.subject, "channel": e.channel, "created_at": e.created_at,
                     "status": e.status, "tags": list(e.tags)},
-        "patient": {"name": name, "first_name": name.split(" ")[0] if name else "",
+        "patient": {"name": name, "first_name": first_name(name),
                     "email": e.contact_email or "", "phone": e.contact_phone or ""},
     }
     if message is not None:
@@ -449,6 +450,28 @@ def _about(e: Row[Any], message: Row[Any] | None,
                             "excerpt": _excerpt(message.text),
                             "attachments": attachments.get(message.id, [])}
     return _About(team=e.team, rule=e.rule, parts=parts)
+
+
+_TITLES = frozenset({"dr", "mr", "mrs", "ms", "miss", "mx", "prof", "professor", "sir",
+                     "dame", "rev", "revd", "lady", "lord"})
+_BRACKETS = re.compile(r"\([^)]*\)|\[[^\]]*\]")
+
+
+def first_name(name: str) -> str:
+    """What a greeting can use from a sender's display name, or "" (templates then say
+    "Hello"): not a title ("Dr Jane Smith"), not a surname written first ("SMITH, Jane
+    (NHS TRUST)"), not an address, and not in capitals."""
+    name = _BRACKETS.sub(" ", name).strip()
+    if not name or "@" in name:
+        return ""
+    if "," in name:
+        surname, _, rest = name.partition(",")
+        name = rest.strip() or surname
+    words = [w for w in name.replace(".", " ").split() if w.lower() not in _TITLES]
+    if not words or not words[0][0].isalpha():
+        return ""
+    first = words[0]
+    return first.capitalize() if first.isupper() and len(first) > 1 else first
 
 
 def _team_name(ruleset: RuleSet, team_id: str) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parseaddr
 
+import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session as DbSession
@@ -20,7 +21,7 @@ from handler.app import Service
 from handler.bench_data import populate
 from handler.clock import FakeClock
 from handler.config import Settings
-from handler.dispatch import Dispatcher, next_attempt
+from handler.dispatch import Dispatcher, first_name, next_attempt
 from handler.live import LiveRules
 from handler.models import Enquiry, Event, OutboxItem
 from handler.smtp_out import RelayTransport
@@ -208,3 +209,13 @@ async def test_a_refused_recipient_is_permanent_and_the_connection_goes_on() -> 
     assert env1.rcpt_tos == ["jane@example.org"] and env2.rcpt_tos == ["joe@example.org"]
     assert env1.original_content == mail
     assert f"SIZE={len(mail)}" in env1.mail_options
+
+
+@pytest.mark.parametrize(("name", "first"), [
+    ("Jane Smith", "Jane"), ("SMITH, Jane (NHS TRUST)", "Jane"), ("Dr Jane Smith", "Jane"),
+    ("Dr. J. Smith", "J"), ("Prof Smith", "Smith"), ("JANE SMITH", "Jane"),
+    ("jane.smith@example.org", ""), ("", ""), ("Dr", ""), ("(Jane)", ""),
+    ("Seán Ó Briain", "Seán"), ("O'Neill, Mary", "Mary"), ("Smith,", "Smith"),
+])
+def test_a_greeting_takes_the_first_name_a_display_name_really_has(name: str, first: str) -> None:
+    assert first_name(name) == first
