@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import yaml
 
@@ -132,6 +133,35 @@ def _words(field: str) -> Reader_:
     return read
 
 
+def nested_repeat(pattern: str) -> bool:
+    """Does `pattern` repeat, without bound, something that itself repeats without bound
+    (`(a+)+`, `(\\w+\\s?)+:`)? Python's regular expressions backtrack, and such a pattern
+    can take exponential time on text that almost matches: the patient's text, on every
+    message. Possessive and atomic forms do not backtrack and are left alone."""
+    from re import _constants as sre  # CPython's own parser of patterns
+    from re import _parser
+
+    repeats = (sre.MAX_REPEAT, sre.MIN_REPEAT)
+
+    def walk(items: Any, inside: bool) -> bool:
+        for op, av in items:
+            if op in repeats:
+                unbounded = av[1] == sre.MAXREPEAT
+                if (unbounded and inside) or walk(av[2], inside or unbounded):
+                    return True
+                continue
+            children = ([av[-1]] if op == sre.SUBPATTERN else list(av[1]) if op == sre.BRANCH
+                        else [av[1]] if op in (sre.ASSERT, sre.ASSERT_NOT) else [])
+            if any(walk(child, inside) for child in children):
+                return True
+        return False  # atomic groups and possessive repeats never backtrack into themselves
+
+    try:
+        return walk(_parser.parse(pattern), False)
+    except Exception:  # an interpreter whose internals differ: no opinion
+        return False
+
+
 def _regex(r: Reader, node: yaml.Node, ctx: WhenContext) -> c.Condition | None:
     parts: list[c.Condition] = []
     ok = True
@@ -147,6 +177,13 @@ def _regex(r: Reader, node: yaml.Node, ctx: WhenContext) -> c.Condition | None:
                 patterns.append(re.compile(text, re.IGNORECASE))
             except re.error as exc:
                 r.error(item, f"bad regular expression '{text}': {exc.msg} at position {exc.pos}")
+                ok = False
+                continue
+            if nested_repeat(text):
+                r.error(item, f"regular expression '{text}' repeats something that itself "
+                              "repeats (like (\\w+\\s?)+): on some messages that takes "
+                              "minutes; write it without the nesting, or make the inner "
+                              "repeat possessive (\\w++) or atomic ((?>...))")
                 ok = False
         if patterns:
             parts.append(c.Matches(field, tuple(patterns)))

@@ -565,3 +565,17 @@ def test_a_header_intake_does_not_keep_cannot_be_tested() -> None:
             when: {header: {List-Id: true, from-country: US}}
             category: general
         """)
+
+
+def test_a_regex_that_can_backtrack_for_minutes_is_refused() -> None:
+    """(\\w+\\s?)+: took 92 ms on 18 letters of patient text and ~4x more for every two
+    more: a message could hang classification. Possessive or atomic forms are fine."""
+    errors = errors_of("""\
+        rules:
+          - name: a
+            when: {regex: {body: ['(\\w+\\s?)+:', 'ref[- ]?\\d+', '(?>\\w+\\s?)+:']}}
+            category: general
+        """)
+    assert len(errors) == 1
+    assert errors[0].startswith("rules/routing.yaml:3:27: regular expression '(\\w+\\s?)+:' "
+                                "repeats something that itself repeats")
