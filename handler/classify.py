@@ -70,10 +70,22 @@ class Stack:
 def scan_message(
     msg: InboundMessage, ruleset: RuleSet, facts: Facts, now: datetime
 ) -> MessageView:
-    """Find every rule phrase in the subject and body once; conditions then only look up."""
+    """Find every rule phrase in the subject and body once; conditions then only look up.
+    In a reply, the lines it quotes ("> ...") are not scanned: they were read when they were
+    new, and a red flag quoted back (our own safety advice, or the patient's earlier words)
+    must not page the on-call clinician again. A new message's quoted lines (a forwarded
+    letter) are scanned like the rest."""
+    body = msg.text
+    if ">" in body and msg.thread_ids:
+        body = unquoted(body)
     return MessageView(
-        msg, facts, now, ruleset.phrases.scan(msg.subject), ruleset.phrases.scan(msg.text)
+        msg, facts, now, ruleset.phrases.scan(msg.subject), ruleset.phrases.scan(body)
     )
+
+
+def unquoted(text: str) -> str:
+    """`text` without the lines an email reply quotes (those starting with ">")."""
+    return "\n".join(line for line in text.split("\n") if not line.lstrip().startswith(">"))
 
 
 def rules_to_evaluate(view: MessageView, plan: ChannelPlan) -> list[int]:

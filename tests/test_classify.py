@@ -558,3 +558,15 @@ def test_decision_json_matches_asdict() -> None:
                RuleHit("breast", True, ("body contains 'her2'",))),
         ruleset_version="abc")
     assert decision.to_json() == dataclasses.asdict(decision)
+
+
+def test_a_reply_is_not_judged_by_the_lines_it_quotes() -> None:
+    """A patient answering "thanks" under our own safety advice ("> if you get chest pain,
+    call 999") must not page on-call again; a new message quoting a letter still counts."""
+    quoted = "Thanks, that is helpful.\n\n> If you get chest pain, call 999.\n"
+    reply = replace(email(quoted), in_reply_to="ack-1@clinic.example")
+    assert not check("body: [chest pain]\n", reply)[0]
+    assert check("body: [chest pain]\n", email(quoted))[0]  # not a reply: scanned whole
+    fresh = replace(email("Chest pain again tonight.\n> earlier: fine\n"),
+                    in_reply_to="ack-1@clinic.example")
+    assert check("body: [chest pain]\n", fresh)[0]  # the reply's own words still count
