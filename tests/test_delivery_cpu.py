@@ -6,14 +6,17 @@ content written as aiosmtplib would write it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import quopri
 import random
 import re
 import ssl
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -158,6 +161,19 @@ async def _serve(relay: _Relay) -> tuple[asyncio.base_events.Server, int]:
     return server, int(server.sockets[0].getsockname()[1])
 
 
+@contextlib.asynccontextmanager
+async def _relay_transport(relay: _Relay, **options: Any) -> AsyncIterator[RelayTransport]:
+    """A RelayTransport with one connection to `relay`, served on loopback; both closed after."""
+    server, port = await _serve(relay)
+    transport = RelayTransport(host="127.0.0.1", port=port, connections=1, **options)
+    try:
+        yield transport
+    finally:
+        await transport.close()
+        server.close()
+        await server.wait_closed()
+
+
 MAIL = b"Subject: hello\r\n\r\nA line.\r\n"
 
 
@@ -166,18 +182,12 @@ async def test_a_relay_that_stops_answering_times_out_and_the_next_mail_reconnec
     stage: str
 ) -> None:
     relay = _Relay(stall=stage)
-    server, port = await _serve(relay)
-    transport = RelayTransport(host="127.0.0.1", port=port, timeout=0.3, connections=1)
     started = asyncio.get_running_loop().time()
-    try:
+    async with _relay_transport(relay, timeout=0.3) as transport:
         stalled = await transport.send(MAIL, sender=CLINIC, recipient="jane@example.org")
         assert asyncio.get_running_loop().time() - started < 2  # 0.3 s per reply
         relay.release.set()
         after = await transport.send(MAIL, sender=CLINIC, recipient="joe@example.org")
-    finally:
-        await transport.close()
-        server.close()
-        await server.wait_closed()
     assert stalled.outcome is Outcome.TEMPORARY and "TimeoutError" in stalled.error
     assert after.outcome is Outcome.OK
     peers = [peer for peer, _ in relay.envelopes]
@@ -190,9 +200,7 @@ async def test_a_refused_sender_is_temporary_and_addresses_are_checked() -> None
     """The relay refusing our sender (553) refuses every message alike: a settings problem
     for the operator, so the mail waits instead of failing for good."""
     relay = _Relay(refuse_sender=True)
-    server, port = await _serve(relay)
-    transport = RelayTransport(host="127.0.0.1", port=port, connections=1)
-    try:
+    async with _relay_transport(relay) as transport:
         refused = await transport.send(MAIL, sender=CLINIC, recipient="jane@example.org")
         relay.refuse_sender = False
         for bad in ("ja\x00ne@example.org", "jane@example.org\x7f", "a b@example.org\x7f"):
@@ -200,10 +208,6 @@ async def test_a_refused_sender_is_temporary_and_addresses_are_checked() -> None
                 await transport.send(MAIL, sender=CLINIC, recipient=bad)
         sent = await transport.send(MAIL, sender=CLINIC, recipient="Jane <jane@example.org>")
         utf8 = await transport.send(MAIL, sender=CLINIC, recipient="jané@example.org")
-    finally:
-        await transport.close()
-        server.close()
-        await server.wait_closed()
     assert (refused.outcome, refused.code) == (Outcome.TEMPORARY, "553")
     assert sent.outcome is utf8.outcome is Outcome.OK
     [(_, plain), (_, international)] = relay.envelopes
@@ -280,27 +284,15 @@ async def test_the_relay_connection_is_encrypted_whenever_the_relay_offers_start
 
 async def test_a_message_too_big_for_the_relay_is_permanent() -> None:
     relay = _Relay(data_reply="552 5.3.4 Message too big for system")
-    server, port = await _serve(relay)
-    transport = RelayTransport(host="127.0.0.1", port=port, connections=1)
-    try:
+    async with _relay_transport(relay) as transport:
         result = await transport.send(MAIL, sender=CLINIC, recipient="jane@example.org")
-    finally:
-        await transport.close()
-        server.close()
-        await server.wait_closed()
     assert (result.outcome, result.code) == (Outcome.PERMANENT, "552")
 
 
 async def test_a_non_ascii_address_needs_smtputf8() -> None:
     relay = _Relay(smtputf8=False)
-    server, port = await _serve(relay)
-    transport = RelayTransport(host="127.0.0.1", port=port, connections=1)
-    try:
+    async with _relay_transport(relay) as transport:
         result = await transport.send(MAIL, sender=CLINIC, recipient="jané@example.org")
-    finally:
-        await transport.close()
-        server.close()
-        await server.wait_closed()
     assert result.outcome is Outcome.PERMANENT and "SMTPUTF8" in result.error
     assert relay.envelopes == []
 
@@ -327,17 +319,11 @@ def test_data_payload_on_random_messages() -> None:
 
 async def test_lines_with_dots_and_odd_line_endings_arrive_as_written() -> None:
     relay = _Relay()
-    server, port = await _serve(relay)
-    transport = RelayTransport(host="127.0.0.1", port=port, connections=1)
     messages = [MAIL, b"Subject: dots\r\n\r\n.\r\n..two\r\n.three",
                 b"Subject: lf\n\nbare\nlines\r"]
-    try:
+    async with _relay_transport(relay) as transport:
         results = [await transport.send(m, sender=CLINIC, recipient="jane@example.org")
                    for m in messages]
-    finally:
-        await transport.close()
-        server.close()
-        await server.wait_closed()
     assert [r.outcome for r in results] == [Outcome.OK] * 3
     assert [r.provider_id for r in results] == [f"2.0.0 queued as R{n}" for n in (1, 2, 3)]
     assert [e.original_content for _, e in relay.envelopes] == [
@@ -351,16 +337,10 @@ async def test_a_refused_message_content_is_classified_and_the_connection_reused
     reply: str, outcome: Outcome
 ) -> None:
     relay = _Relay(data_reply=reply)
-    server, port = await _serve(relay)
-    transport = RelayTransport(host="127.0.0.1", port=port, connections=1)
-    try:
+    async with _relay_transport(relay) as transport:
         refused = await transport.send(MAIL, sender=CLINIC, recipient="jane@example.org")
         relay.data_reply = ""
         after = await transport.send(MAIL, sender=CLINIC, recipient="joe@example.org")
-    finally:
-        await transport.close()
-        server.close()
-        await server.wait_closed()
     assert (refused.outcome, refused.code) == (outcome, reply[:3])
     assert after.outcome is Outcome.OK
     assert [e.rcpt_tos for _, e in relay.envelopes] == [["joe@example.org"]]
